@@ -1,0 +1,78 @@
+"""The editor interface every algorithm implements (LiveEdit and the baselines).
+
+Contract (as in ROME's): after `restore()` the model computes exactly what it computed before the
+first edit. Edits take effect on every later call of `vllm(batch)` / `vllm.generate(...)`, through
+hooks or weight changes that the editor owns.
+
+Trainable editors add what the generic trainer (`utils/training.py`) needs: their modules, an
+optimiser, a way to turn records into a training batch (no gradient; may run in a prefetch
+thread), and one training step (forward + backward; the trainer steps the optimiser).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.vllms import VLLM
+from utils.records import EditRecord, Sample
+
+
+class Editor:
+    """Base class: edit a frozen backbone and undo the edits."""
+
+    name: ClassVar[str] = ""            # registry key, e.g. "liveedit"
+    config_class: ClassVar[type] = object
+    needs_training: ClassVar[bool] = False
+
+    def __init__(self, vllm: VLLM, config):
+        self.vllm = vllm
+        self.config = config
+
+    @property
+    def num_edits(self) -> int:
+        raise NotImplementedError
+
+    def edit(self, requests: list[Sample]) -> None:
+        """Apply `requests` (prompt, image, target = the new answer) in order, on top of earlier edits."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Undo every edit: the backbone is bit-identical to the unedited one afterwards."""
+        raise NotImplementedError
+
+    def save_edits(self, directory: str) -> None:
+        """Persist the current edits so `load_edits` can continue a lifelong run."""
+        raise NotImplementedError(f"{self.name} cannot save its edits")
+
+    def load_edits(self, directory: str) -> None:
+        raise NotImplementedError(f"{self.name} cannot load saved edits")
+
+
+class TrainableEditor(Editor):
+    """An editor with learned modules (LiveEdit): adds the hooks the trainer calls."""
+
+    needs_training: ClassVar[bool] = True
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Name -> module; their state dicts make the checkpoint (keys `<name>.<param>`)."""
+        raise NotImplementedError
+
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """(optimizer, lr scheduler or None) over `trainable_modules()`; the scheduler steps once per step."""
+        raise NotImplementedError
+
+    def training_batch(self, records: list[EditRecord], rng: np.random.Generator) -> Any:
+        """Everything a step needs that does not depend on trainable parameters (no grad)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """Losses of one batch; calls backward on the total. Returns scalars to log, with "Loss" the total."""
+        raise NotImplementedError
+
+    def set_train(self, mode: bool) -> None:
+        for module in self.trainable_modules().values():
+            module.train(mode)
+            module.requires_grad_(mode)

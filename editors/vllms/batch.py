@@ -1,0 +1,48 @@
+"""`VLLMBatch`: what a backbone hands to the language model for a batch of (prompt, image, target).
+
+Every span is per sample, as `[start, end)` positions in the padded sequence, so any batch size,
+mixed prompt lengths, mixed image / text-only rows and either padding side work the same way.
+Labels are built from the same token ids that produced the embeddings (no second tokenisation):
+`labels[b, t]` is the token at position t+1 for every position t that predicts a target token,
+and `label_mask[b, t]` marks those positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class VLLMBatch:
+    inputs_embeds: torch.Tensor   # [b, l, d] LM input (image features spliced in)
+    attention_mask: torch.Tensor  # [b, l] long, 0 on padding
+    position_ids: torch.Tensor    # [b, l] long, cumsum(mask) - 1 (0 on padding)
+    token_ids: torch.Tensor       # [b, l] long, text token ids; -1 on image positions and padding
+    vision_spans: torch.Tensor    # [b, 2] long, image positions; [0, 0] for text-only rows
+    query_spans: torch.Tensor     # [b, 2] long, after the image up to the last prompt token inclusive
+    target_spans: torch.Tensor    # [b, 2] long, the target tokens; empty when there is no target
+    labels: torch.Tensor          # [b, l] long, next-token id where label_mask, else 0
+    label_mask: torch.Tensor      # [b, l] bool, positions whose prediction is a target token
+    has_image: torch.Tensor       # [b] bool
+
+    @property
+    def size(self) -> int:
+        return self.inputs_embeds.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.inputs_embeds.shape[1]
+
+    def to(self, device) -> "VLLMBatch":
+        return VLLMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, rows) -> "VLLMBatch":
+        """Rows `rows` (list or tensor of indices) as a new batch, with padding columns kept."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.inputs_embeds.device)
+        return VLLMBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding on either side: 0, 1, 2, ... over the real tokens."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [b, l]

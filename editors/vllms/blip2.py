@@ -1,0 +1,38 @@
+"""BLIP-2 (OPT): `Blip2ForConditionalGeneration` used piece by piece.
+
+The image's 32 projected Q-Former outputs go before the text's BOS, as in the paper's code. We
+splice the features ourselves instead of using placeholder tokens (transformers 5.x silently drops
+the image when placeholders are missing), and check the feature count on every batch.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+
+from .base import VLLM
+from .stack import stack_for
+
+
+class BLIP2(VLLM):
+    family = "blip2"
+    image_after_bos = False
+    image_text_prefix = ""
+
+    def __init__(self, model: Blip2ForConditionalGeneration, tokenizer, image_processor, name="blip2-opt-2.7b"):
+        lm = model.language_model  # OPTForCausalLM
+        super().__init__(model, stack_for(lm.model.decoder, lm.lm_head), tokenizer, image_processor,
+                         model.config.num_query_tokens, name)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, 32, d]
+
+    def save(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+    @classmethod
+    def from_directory(cls, path: str, device="cpu", dtype=None, name="blip2-opt-2.7b") -> "BLIP2":
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+        return cls(model.to(device), AutoTokenizer.from_pretrained(path),
+                   AutoImageProcessor.from_pretrained(path), name=name)

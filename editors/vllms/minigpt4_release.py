@@ -1,0 +1,163 @@
+"""Load MiniGPT-4 from its original release files by renaming state-dict keys.
+
+The folder holds `model_config.yaml` (the paper repo's layout, spec §3.8) whose paths are relative
+to the folder:
+    llama_model: vicuna-7b/                 # an HF Llama folder with tokenizer
+    vit_path: eva_vit_g.pth                 # EVA ViT-g/14 weights (keys `blocks.N.attn.qkv.weight`, ...)
+    q_former_model: blip2_pretrained_flant5xxl.pth   # BLIP-2 checkpoint {'model': {...}}
+    ckpt: pretrained_minigpt4.pth           # {'model': {'llama_proj.weight', 'llama_proj.bias'}}
+    num_query_token: 32                     # optional
+    vision_config: {...}, qformer_config: {...}   # optional overrides of the EVA / BERT-base shapes
+and optionally `processor_config.yaml` (`image_size`, `mean`, `std`).
+Checkpoints are read with `torch.load(weights_only=True)`: no pickled code runs. Loading order is
+the original's: ViT, then the Q-Former checkpoint (which also carries ViT and ln_vision), then the
+projection. Keys of parts MiniGPT-4 removed (Q-Former text branch, word embeddings, BLIP-2 heads)
+are dropped; any other key that does not map is an error.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import yaml
+from PIL import Image
+from transformers import (AutoTokenizer, BlipImageProcessorPil, Blip2QFormerConfig, Blip2VisionConfig,
+                          LlamaForCausalLM)
+
+from utils.errors import UserError
+
+# EVA ViT-g/14 and the BLIP-2 Q-Former (BERT-base with cross-attention every 2nd layer).
+EVA_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                 image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+QFORMER_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    cross_attention_frequency=2, layer_norm_eps=1e-12)
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+_VIT_RULES = [
+    (r"cls_token$", "embeddings.class_embedding"),
+    (r"pos_embed$", "embeddings.position_embedding"),
+    (r"patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.\1.self_attn.qkv.weight"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
+]
+_QFORMER_RULES = [
+    (r"Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)$", r"Qformer.layernorm.\1"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)$",
+     r"Qformer.encoder.layer.\1.\2.attention.\3.\4"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.output\.(dense|LayerNorm)\.(weight|bias)$",
+     r"Qformer.encoder.layer.\1.\2.output.\3.\4"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.(weight|bias)$",
+     r"Qformer.encoder.layer.\1.intermediate_query.dense.\2"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.output_query\.(dense|LayerNorm)\.(weight|bias)$",
+     r"Qformer.encoder.layer.\1.output_query.\2.\3"),
+    (r"ln_vision\.(weight|bias)$", r"visual_encoder.post_layernorm.\1"),
+    (r"query_tokens$", "query_tokens"),
+    (r"llama_proj\.(weight|bias)$", r"llama_proj.\1"),
+]
+# Parts of the released checkpoints that MiniGPT-4 does not use.
+_DROPPED = re.compile(r"^(Qformer\.cls\.|Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)"
+                      r"|Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|vision_proj|text_proj|itm_head"
+                      r"|temp$|t5_proj|opt_proj|llm_proj|(visual_encoder\.)?(norm|fc_norm|head)\.)")
+
+
+def _apply(rules, key: str) -> str | None:
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def rename_vit_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """EVA ViT-g keys (optionally under `prefix`, e.g. `visual_encoder.`) -> our `visual_encoder.*` keys.
+
+    EVA has separate q and v biases and no k bias; `Blip2VisionModel` has one qkv bias = [q, 0, v].
+    """
+    out, biases = {}, {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        short = key[len(prefix):]
+        bias = re.match(r"blocks\.(\d+)\.attn\.(q|v)_bias$", short)
+        if bias:
+            biases.setdefault(bias.group(1), {})[bias.group(2)] = value
+            continue
+        new = _apply(_VIT_RULES, short)
+        if new is not None:
+            out["visual_encoder." + new] = value
+    for layer, qv in biases.items():
+        out[f"visual_encoder.encoder.layers.{layer}.self_attn.qkv.bias"] = torch.cat(
+            [qv["q"], torch.zeros_like(qv["q"]), qv["v"]])
+    return out
+
+
+def rename_release_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keys of a BLIP-2 / MiniGPT-4 checkpoint -> our module's keys; unknown keys raise UserError."""
+    out = rename_vit_keys(state, prefix="visual_encoder.")
+    unknown = []
+    for key, value in state.items():
+        if key.startswith("visual_encoder.") and not _DROPPED.match(key):
+            continue  # handled by rename_vit_keys
+        new = _apply(_QFORMER_RULES, key)
+        if new is not None:
+            out[new] = value
+        elif not _DROPPED.match(key):
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{source}: {len(unknown)} keys do not map onto MiniGPT-4, e.g. {unknown[:5]}; "
+                        f"is this the right checkpoint?")
+    return out
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise UserError(f"MiniGPT-4 release file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, pickled code, not a torch file
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+    return obj.get("model", obj) if isinstance(obj, dict) else obj
+
+
+def load_release(path: str, device="cpu", dtype=None, name="minigpt-4-vicuna-7b"):
+    """Build MiniGPT-4 from the original release files listed in `path/model_config.yaml`."""
+    from .minigpt4 import MiniGPT4, MiniGPT4Model
+
+    with open(os.path.join(path, "model_config.yaml")) as f:
+        cfg = yaml.safe_load(f) or {}
+    missing_keys = [k for k in ("llama_model", "vit_path", "q_former_model", "ckpt") if k not in cfg]
+    if missing_keys:
+        raise UserError(f"{path}/model_config.yaml lacks {missing_keys}")
+    at = lambda key: os.path.join(path, cfg[key])  # noqa: E731
+    llama = LlamaForCausalLM.from_pretrained(at("llama_model"), dtype=dtype or torch.float32)
+    model = MiniGPT4Model(Blip2VisionConfig(**{**EVA_VIT_G, **cfg.get("vision_config", {})}),
+                          Blip2QFormerConfig(**{**QFORMER_BASE, "encoder_hidden_size": EVA_VIT_G["hidden_size"],
+                                                **cfg.get("qformer_config", {})}),
+                          llama, int(cfg.get("num_query_token", 32)))
+    state = rename_vit_keys(_read_checkpoint(at("vit_path")))
+    state.update(rename_release_keys(_read_checkpoint(at("q_former_model")), cfg["q_former_model"]))
+    state.update(rename_release_keys(_read_checkpoint(at("ckpt")), cfg["ckpt"]))
+    expected = set(model.bridge_state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(f"MiniGPT-4 release in {path}: missing {len(missing)} keys {missing[:5]}, "
+                        f"unexpected {len(unexpected)} keys {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.to(device=device, dtype=dtype or torch.float32)
+    return MiniGPT4(model, AutoTokenizer.from_pretrained(at("llama_model")), _release_image_processor(path),
+                    name=name)
+
+
+def _release_image_processor(path: str) -> BlipImageProcessorPil:
+    cfg = {}
+    proc_path = os.path.join(path, "processor_config.yaml")
+    if os.path.isfile(proc_path):
+        with open(proc_path) as f:
+            cfg = yaml.safe_load(f) or {}
+    size = int(cfg.get("image_size", 224))
+    return BlipImageProcessorPil(size={"height": size, "width": size}, resample=Image.BICUBIC,
+                              image_mean=cfg.get("mean", CLIP_MEAN), image_std=cfg.get("std", CLIP_STD),
+                              do_convert_rgb=True)

@@ -1,0 +1,97 @@
+"""The decoder stack of a causal LM, with explicit entry and exit points.
+
+`DecoderStack` wraps the inner decoder (OPT's `OPTDecoder`, Llama's `LlamaModel`) and the LM
+head so that every backbone exposes the same four operations:
+- `hidden(...)`: the whole stack, final norm included (the model's own forward, KV cache allowed);
+- `layers`: the decoder-layer list, so an editor can hook layer l_e directly;
+- `run_from(hidden, ..., start)`: layers start..L-1 and the final norm on a given hidden state
+  (training runs layers l_e+1.. on h_le + residual without recomputing layers 0..l_e);
+- `lm_head`.
+Only the per-layer keyword arguments (attention mask, rotary embeddings) differ by family.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+
+class DecoderStack(nn.Module):
+    """Common interface over one family of decoder; subclasses fill in the family details."""
+
+    def __init__(self, inner: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.lm_head = lm_head
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.inner.layers
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.get_input_embeddings()(ids)  # [b, l, d]
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
+        """Run the whole stack (the model's own forward). Returns the final hidden states and cache."""
+        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=use_cache)
+        if cache is not None:
+            kwargs["cache"] = cache
+        out = self.inner(**kwargs)
+        return out.last_hidden_state, out.cache
+
+    def run_from(self, hidden, attention_mask, position_ids, start: int) -> torch.Tensor:
+        """Layers `start`..L-1 and the final norm applied to `hidden` [b, l, d] (no cache)."""
+        layer_kwargs = self._layer_kwargs(hidden, attention_mask, position_ids)
+        for layer in self.layers[start:]:
+            out = layer(hidden, **layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self._final(hidden)
+
+    def _layer_kwargs(self, hidden, attention_mask, position_ids) -> dict:
+        raise NotImplementedError
+
+    def _final(self, hidden):
+        raise NotImplementedError
+
+
+class OPTStack(DecoderStack):
+    """OPT (BLIP-2's language model): learned positions added before layer 0, LayerNorm at the end."""
+
+    def _layer_kwargs(self, hidden, attention_mask, position_ids):
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None)
+        return dict(attention_mask=mask, position_ids=position_ids, use_cache=False)
+
+    def _final(self, hidden):
+        if self.inner.final_layer_norm is not None:
+            hidden = self.inner.final_layer_norm(hidden)
+        if self.inner.project_out is not None:
+            hidden = self.inner.project_out(hidden)
+        return hidden
+
+
+class LlamaStack(DecoderStack):
+    """Llama / Vicuna (LLaVA, MiniGPT-4): rotary embeddings per layer, RMSNorm at the end."""
+
+    def _layer_kwargs(self, hidden, attention_mask, position_ids):
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        rotary = self.inner.rotary_emb(hidden, position_ids=position_ids)
+        return dict(attention_mask=mask, position_embeddings=rotary, position_ids=position_ids, use_cache=False)
+
+    def _final(self, hidden):
+        return self.inner.norm(hidden)
+
+
+def stack_for(inner: nn.Module, lm_head: nn.Module) -> DecoderStack:
+    """Pick the stack class from the inner model's config (`opt` or `llama`)."""
+    families = {"opt": OPTStack, "llama": LlamaStack}
+    model_type = inner.config.model_type
+    if model_type not in families:
+        raise ValueError(f"unsupported language model type {model_type!r}; supported: {sorted(families)}")
+    return families[model_type](inner, lm_head)

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny backbones (built once per test session) and small images."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = ("tiny-blip2", "tiny-llava", "tiny-minigpt4")
+_CACHE: dict = {}
+
+
+def tiny_vllm(name: str):
+    """A tiny backbone of the real class; built once per session and shared (treat as read-only)."""
+    if name not in _CACHE:
+        from editors.vllms import build_tiny
+
+        _CACHE[name] = build_tiny(name)
+    return _CACHE[name]
+
+
+@pytest.fixture(params=TINY)
+def vllm(request):
+    return tiny_vllm(request.param)
+
+
+def make_image(seed: int, size: int = 32) -> Image.Image:
+    """A random RGB image; different seeds give different pictures."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))

@@ -1,0 +1,180 @@
+"""The toy world generator: determinism, MMEdit schema, redraws, text facts, caching."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils import toyworld as tw
+from utils.errors import UserError
+
+SMALL = dict(n_train=12, n_eval=10, image_size=32, seed=3, n_pretrain_scenes=6, n_facts=12)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tw") / "world"
+    manifest = tw.generate_toyworld(out, **SMALL)
+    return out, manifest
+
+
+def _load(out, name):
+    return json.loads((out / name).read_text(encoding="utf-8"))
+
+
+def _tree_digest(root):
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_deterministic_byte_identical(world, tmp_path):
+    out, _ = world
+    again = tmp_path / "again"
+    tw.generate_toyworld(again, **SMALL)
+    assert _tree_digest(out) == _tree_digest(again)
+    other = tmp_path / "other"
+    tw.generate_toyworld(other, **{**SMALL, "seed": 4})
+    assert (other / "eval.json").read_bytes() != (out / "eval.json").read_bytes()
+
+
+def test_mmedit_schema(world):
+    out, manifest = world
+    scenes = _load(out, "scenes.json")
+    facts = {f.loc: f.answer for f in tw.text_facts(SMALL["seed"], SMALL["n_facts"])}
+    for split, n in (("train.json", SMALL["n_train"]), ("eval.json", SMALL["n_eval"])):
+        records = _load(out, split)
+        assert isinstance(records, list) and len(records) == n
+        for r in records:
+            assert isinstance(r, dict)
+            assert set(r) == set(tw.MMEDIT_FIELDS)
+            assert all(isinstance(v, str) and v for v in r.values())
+            qtype = next(t for t, qs in tw.QUESTIONS.items() if r["src"] in qs)
+            assert r["rephrase"] in tw.QUESTIONS[qtype] and r["rephrase"] != r["src"]
+            assert not r["src"].endswith(tw.VQA_SUFFIX)
+            assert r["pred"] != r["alt"]
+            assert r["pred"] in tw.ANSWERS[qtype] and r["alt"] in tw.ANSWERS[qtype]
+            scene = tw.Scene(**scenes[r["image"]])
+            assert scene.answer(qtype) == r["pred"]
+            assert tw.Scene(**scenes[r["image_rephrase"]]) == scene
+            m_scene = tw.Scene(**scenes[r["m_loc"]])
+            assert m_scene.shape != scene.shape and m_scene.color != scene.color
+            m_qtype = next(t for t, qs in tw.QUESTIONS.items() if r["m_loc_q"] in qs)
+            assert m_qtype != qtype
+            assert m_scene.answer(m_qtype) == r["m_loc_a"]
+            assert r["loc"].startswith("nq question: ") and not r["loc"].endswith("?")
+            assert facts[r["loc"]] == r["loc_ans"]
+            for key in ("image", "image_rephrase", "m_loc"):
+                assert not os.path.isabs(r[key]) and r[key].startswith("images/")
+                with Image.open(out / r[key]) as img:
+                    assert img.mode == "RGB" and img.size == (32, 32)
+    assert manifest["counts"]["train"] == SMALL["n_train"]
+    assert manifest["args"] == tw.toyworld_args(**SMALL)
+
+
+def test_redraw_differs_but_keeps_colour(world):
+    out, _ = world
+    scenes = _load(out, "scenes.json")
+    for r in _load(out, "eval.json"):
+        a = np.asarray(Image.open(out / r["image"]))
+        b = np.asarray(Image.open(out / r["image_rephrase"]))
+        assert not np.array_equal(a, b)
+        colour = scenes[r["image"]]["color"]
+        assert tw.classify_color(Image.open(out / r["image"])) == colour
+        assert tw.classify_color(Image.open(out / r["image_rephrase"])) == colour
+        assert tw.classify_color(Image.open(out / r["m_loc"])) == scenes[r["m_loc"]]["color"]
+
+
+def test_pretrain_items(world):
+    out, manifest = world
+    items = _load(out, "pretrain.json")
+    assert all(set(it) == {"image", "prompt", "target"} for it in items)
+    text = [it for it in items if it["image"] is None]
+    facts = tw.text_facts(SMALL["seed"], SMALL["n_facts"])
+    assert [(t["prompt"], t["target"]) for t in text] == [(f.loc + "?", f.answer) for f in facts]
+    vision = [it for it in items if it["image"] is not None]
+    assert len(vision) == SMALL["n_pretrain_scenes"] * 2 * sum(len(q) for q in tw.QUESTIONS.values())
+    prompts = {it["prompt"] for it in vision}
+    assert prompts == {tw.vqa_prompt(q) for qs in tw.QUESTIONS.values() for q in qs}
+    assert len(items) == manifest["counts"]["pretrain"]
+    # No pretraining image is pixel-identical to an edit-set image.
+    edit_paths = {r[k] for s in ("train.json", "eval.json") for r in _load(out, s)
+                  for k in ("image", "image_rephrase", "m_loc")}
+    edit_px = {Image.open(out / p).tobytes() for p in edit_paths}
+    pre_paths = {it["image"] for it in vision}
+    assert all(p.startswith("images/pretrain_") for p in pre_paths)
+    assert not edit_px & {Image.open(out / p).tobytes() for p in pre_paths}
+
+
+def test_text_facts_table():
+    facts = tw.text_facts(0, 40)
+    assert len(facts) == 40 and len({f.question for f in facts}) == 40
+    assert facts == tw.text_facts(0, 40)
+    for f in facts:
+        assert f.loc == "nq question: " + f.question
+        assert f.answer.isalpha() and f.answer.islower() and f.answer not in tw.COLORS
+    with pytest.raises(UserError):
+        tw.text_facts(0, 0)
+
+
+def test_scene_drawing_sizes_and_count():
+    rng = np.random.default_rng(0)
+    for size in (32, 64):
+        for scene in tw.all_scenes():
+            for jitter in (False, True):
+                img = tw.draw_scene(scene, size, rng, jitter=jitter)
+                assert img.mode == "RGB" and img.size == (size, size)
+                assert tw.classify_color(img) == scene.color
+    with pytest.raises(UserError):
+        tw.Scene("hexagon", "red", 1)
+
+
+def test_image_size_64(tmp_path):
+    out = tmp_path / "w64"
+    tw.generate_toyworld(out, n_train=2, n_eval=2, image_size=64, seed=0, n_pretrain_scenes=1, n_facts=4)
+    r = _load(out, "eval.json")[0]
+    with Image.open(out / r["image"]) as img:
+        assert img.size == (64, 64)
+
+
+def test_ensure_reuses_and_regenerates(tmp_path):
+    out = tmp_path / "data" / "toy"
+    args = dict(n_train=3, n_eval=3, image_size=32, seed=0, n_pretrain_scenes=2, n_facts=4)
+    assert tw.ensure_toyworld(out, **args) == out
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    tw.ensure_toyworld(out, **args)
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    tw.ensure_toyworld(out, **{**args, "n_eval": 4})
+    assert len(_load(out, "eval.json")) == 4
+    assert tw.read_manifest(out)["args"]["n_eval"] == 4
+    assert sorted(p.name for p in out.parent.iterdir()) == ["toy"]  # no temp folders left
+
+
+def test_ensure_regenerates_unfinished_and_refuses_foreign(tmp_path):
+    out = tmp_path / "toy"
+    args = dict(n_train=2, n_eval=2, image_size=32, seed=0, n_pretrain_scenes=1, n_facts=4)
+    tw.ensure_toyworld(out, **args)
+    (out / "manifest.json").write_text(
+        json.dumps({**tw.read_manifest(out), "version": -1}), encoding="utf-8")
+    tw.ensure_toyworld(out, **args)
+    assert tw.read_manifest(out)["version"] == tw.TOYWORLD_VERSION
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError):
+        tw.ensure_toyworld(foreign, **args)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError):
+        tw.generate_toyworld(foreign, **args)
+    with pytest.raises(UserError):
+        tw.ensure_toyworld(tmp_path / "bad", **{**args, "image_size": 8})
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = tw.main(["--out", str(out), "--n_train", "2", "--n_eval", "2", "--n_pretrain_scenes", "1",
+                  "--n_facts", "4"])
+    assert rc == 0 and (out / "manifest.json").exists()
+    assert tw.main(["--out", str(out), "--image_size", "4"]) == 2
+    assert "image_size" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Shared helpers: data readers, the toy world, evaluation, configuration."""

@@ -1,0 +1,36 @@
+"""Device and dtype names from the command line, checked before any model is loaded."""
+from __future__ import annotations
+
+import torch
+
+from utils.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`cpu`, `cuda`, `cuda:1`, `mps`, `auto` -> a device that exists here, or a UserError saying why not."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"device {name} requested but this machine has no CUDA GPU; use -dvc cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {name} does not exist: this machine has {count} CUDA GPU(s) "
+                            f"(cuda:0..cuda:{count - 1})")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name.lower() not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES))}")
+    return DTYPES[name.lower()]
