@@ -36,6 +36,7 @@ SUFFIXES = {
     "EIC": ("", "?", ANSWER),
     "VLKEB": ("", "?", ANSWER),
     VLKEB_ONEHOP: ("", "?", ANSWER),
+    "TOY": (ANSWER, "?", ANSWER),
 }
 REAL_FILES = [
     ("EVQA", "train", 6345),

@@ -29,7 +29,8 @@ from utils.records import EditRecord, Sample
 
 DATASET_NAMES = ("EVQA", "EIC", "VLKEB")
 VLKEB_ONEHOP = "VLKEB-ONEHOP"
-ALL_DATASET_NAMES = DATASET_NAMES + (VLKEB_ONEHOP,)
+TOY = "TOY"  # the project's generated toy world (utils/toyworld.py), E-VQA templates
+ALL_DATASET_NAMES = DATASET_NAMES + (VLKEB_ONEHOP, TOY)
 SPLITS = ("train", "eval")
 
 PROMPT_FIELDS = ("src", "rephrase", "loc", "m_loc_q")
@@ -61,6 +62,7 @@ TEMPLATES = {
     "EIC": PromptTemplates("", "", "?", _ANSWER_SUFFIX),
     "VLKEB": PromptTemplates("", "", "?", _ANSWER_SUFFIX),
     VLKEB_ONEHOP: PromptTemplates("", "", "?", _ANSWER_SUFFIX),
+    TOY: PromptTemplates(_ANSWER_SUFFIX, _ANSWER_SUFFIX, "?", _ANSWER_SUFFIX),
 }
 
 _DEFAULT_JSON = {
@@ -71,18 +73,22 @@ _DEFAULT_JSON = {
     ("VLKEB", "train"): ("VLKEB", "train.json"),
     ("VLKEB", "eval"): ("VLKEB", "eval.json"),
     (VLKEB_ONEHOP, "eval"): ("VLKEB", "eval_edit_onehop.json"),
+    (TOY, "train"): ("toyworld", "train.json"),
+    (TOY, "eval"): ("toyworld", "eval.json"),
 }
 _DEFAULT_IMAGE_ROOT = {
     "EVQA": ("easy-edit-mm", "images"),
     "EIC": ("easy-edit-mm", "images"),
     "VLKEB": ("VLKEB", "mmkb_images"),
     VLKEB_ONEHOP: ("VLKEB", "mmkb_images"),
+    TOY: ("toyworld",),
 }
 _IMAGE_SOURCES = {
     "EVQA": "the COCO val2014 images and MMEdit's val2014_image_rephrase images",
     "EIC": "the COCO val2014 images and MMEdit's val2014_image_rephrase images",
     "VLKEB": "VLKEB's mmkb_images",
     VLKEB_ONEHOP: "VLKEB's mmkb_images",
+    TOY: "the toy world (python -m utils.toyworld --out data/toyworld)",
 }
 
 
