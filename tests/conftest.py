@@ -6,11 +6,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models: one thread avoids MKL's multi-threaded per-shape start-up cost (docs/PERFORMANCE.md).
+torch.set_num_threads(1)
 
 TINY = ("tiny-blip2", "tiny-llava", "tiny-minigpt4")
 _CACHE: dict = {}

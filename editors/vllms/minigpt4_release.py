@@ -71,12 +71,9 @@ def _apply(rules, key: str) -> str | None:
     return None
 
 
-def rename_vit_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """EVA ViT-g keys (optionally under `prefix`, e.g. `visual_encoder.`) -> our `visual_encoder.*` keys.
-
-    EVA has separate q and v biases and no k bias; `Blip2VisionModel` has one qkv bias = [q, 0, v].
-    """
-    out, biases = {}, {}
+def _rename_vit(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(renamed keys, keys under `prefix` that neither map nor belong to a removed part)."""
+    out, biases, unknown = {}, {}, []
     for key, value in state.items():
         if not key.startswith(prefix):
             continue
@@ -88,27 +85,48 @@ def rename_vit_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[st
         new = _apply(_VIT_RULES, short)
         if new is not None:
             out["visual_encoder." + new] = value
+        elif not _DROPPED.match(key):
+            unknown.append(key)
     for layer, qv in biases.items():
+        if set(qv) != {"q", "v"}:
+            unknown.extend(f"{prefix}blocks.{layer}.attn.{b}_bias" for b in qv)  # a q bias without v or vice versa
+            continue
         out[f"visual_encoder.encoder.layers.{layer}.self_attn.qkv.bias"] = torch.cat(
             [qv["q"], torch.zeros_like(qv["q"]), qv["v"]])
+    return out, unknown
+
+
+def _unknown_keys_error(source: str, unknown: list[str]) -> UserError:
+    return UserError(f"{source}: {len(unknown)} keys do not map onto MiniGPT-4, e.g. {unknown[:5]}; "
+                     f"is this the right checkpoint?")
+
+
+def rename_vit_keys(state: dict[str, torch.Tensor], prefix: str = "",
+                    source: str = "ViT checkpoint") -> dict[str, torch.Tensor]:
+    """EVA ViT-g keys (optionally under `prefix`, e.g. `visual_encoder.`) -> our `visual_encoder.*` keys.
+
+    EVA has separate q and v biases and no k bias; `Blip2VisionModel` has one qkv bias = [q, 0, v].
+    Keys outside `prefix` are ignored; an unknown key inside it raises UserError.
+    """
+    out, unknown = _rename_vit(state, prefix)
+    if unknown:
+        raise _unknown_keys_error(source, unknown)
     return out
 
 
 def rename_release_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Keys of a BLIP-2 / MiniGPT-4 checkpoint -> our module's keys; unknown keys raise UserError."""
-    out = rename_vit_keys(state, prefix="visual_encoder.")
-    unknown = []
+    out, unknown = _rename_vit(state, prefix="visual_encoder.")
     for key, value in state.items():
-        if key.startswith("visual_encoder.") and not _DROPPED.match(key):
-            continue  # handled by rename_vit_keys
+        if key.startswith("visual_encoder."):
+            continue  # renamed (or reported) by _rename_vit
         new = _apply(_QFORMER_RULES, key)
         if new is not None:
             out[new] = value
         elif not _DROPPED.match(key):
             unknown.append(key)
     if unknown:
-        raise UserError(f"{source}: {len(unknown)} keys do not map onto MiniGPT-4, e.g. {unknown[:5]}; "
-                        f"is this the right checkpoint?")
+        raise _unknown_keys_error(source, unknown)
     return out
 
 
@@ -119,7 +137,10 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, pickled code, not a torch file
         raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
-    return obj.get("model", obj) if isinstance(obj, dict) else obj
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors (nor {{'model': state_dict}})")
+    return state
 
 
 def load_release(path: str, device="cpu", dtype=None, name="minigpt-4-vicuna-7b"):
@@ -131,20 +152,33 @@ def load_release(path: str, device="cpu", dtype=None, name="minigpt-4-vicuna-7b"
     missing_keys = [k for k in ("llama_model", "vit_path", "q_former_model", "ckpt") if k not in cfg]
     if missing_keys:
         raise UserError(f"{path}/model_config.yaml lacks {missing_keys}")
-    at = lambda key: os.path.join(path, cfg[key])  # noqa: E731
-    llama = LlamaForCausalLM.from_pretrained(at("llama_model"), dtype=dtype or torch.float32)
-    model = MiniGPT4Model(Blip2VisionConfig(**{**EVA_VIT_G, **cfg.get("vision_config", {})}),
-                          Blip2QFormerConfig(**{**QFORMER_BASE, "encoder_hidden_size": EVA_VIT_G["hidden_size"],
-                                                **cfg.get("qformer_config", {})}),
-                          llama, int(cfg.get("num_query_token", 32)))
-    state = rename_vit_keys(_read_checkpoint(at("vit_path")))
+    at = lambda key: os.path.join(path, str(cfg[key]))  # noqa: E731
+    # Check every file before loading anything: Vicuna-7B alone takes minutes to load.
+    if not os.path.isdir(at("llama_model")):
+        raise UserError(f"MiniGPT-4 release: the Vicuna folder (llama_model) not found: {at('llama_model')}")
+    for key in ("vit_path", "q_former_model", "ckpt"):
+        if not os.path.isfile(at(key)):
+            raise UserError(f"MiniGPT-4 release file not found ({key} in model_config.yaml): {at(key)}")
+    vision_config = Blip2VisionConfig(**{**EVA_VIT_G, **cfg.get("vision_config", {})})
+    # The Q-Former cross-attends to the vision tower, whatever width an override gives it.
+    qformer_config = Blip2QFormerConfig(**{**QFORMER_BASE, "encoder_hidden_size": vision_config.hidden_size,
+                                           **cfg.get("qformer_config", {})})
+    state = rename_vit_keys(_read_checkpoint(at("vit_path")), source=cfg["vit_path"])
     state.update(rename_release_keys(_read_checkpoint(at("q_former_model")), cfg["q_former_model"]))
     state.update(rename_release_keys(_read_checkpoint(at("ckpt")), cfg["ckpt"]))
-    expected = set(model.bridge_state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    llama = LlamaForCausalLM.from_pretrained(at("llama_model"), dtype=dtype or torch.float32)
+    model = MiniGPT4Model(vision_config, qformer_config, llama, int(cfg.get("num_query_token", 32)))
+    expected = model.bridge_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(f"MiniGPT-4 release in {path}: missing {len(missing)} keys {missing[:5]}, "
                         f"unexpected {len(unexpected)} keys {unexpected[:5]}")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"MiniGPT-4 release in {path}: checkpoint shapes differ from model_config.yaml "
+                        f"(checkpoint vs model), e.g. {wrong[:3]}; check vision_config / qformer_config / "
+                        f"num_query_token")
     model.load_state_dict(state, strict=False)
     model.to(device=device, dtype=dtype or torch.float32)
     return MiniGPT4(model, AutoTokenizer.from_pretrained(at("llama_model")), _release_image_processor(path),

@@ -1,0 +1,189 @@
+"""LiveEdit: edit = generate an expert; inference = route experts at layer l_e (DESIGN.md §3).
+
+Editing a request is one forward pass to layer l_e (no gradient): its vision / query / answer
+representations go through f_eg (expert U, V) and f_fe (routing keys), into the repository.
+At inference a forward hook on layer l_e routes per sample: hard routing keeps experts whose
+visual key beats the learned prototype; soft routing weights them by softmax x sigmoid of the
+query similarity; the residual sum_m c_m ReLU(U_m LN(h)) V_m is added to the layer's output.
+The hook routes once per forward of a batch (and once at the prefill of `generate`, reusing the
+routing for every new token). Rows with no selected expert, and text-only rows, are untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.base import TrainableEditor
+from utils.devices import resolve_dtype
+from utils.errors import UserError
+from utils.records import EditRecord, Sample
+from .config import LiveEditConfig
+from .modules import ExpertGenerator, FeatureExtractor
+from .repository import ExpertRepository
+from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
+
+
+class LiveEdit(TrainableEditor):
+    name = "liveedit"
+    config_class = LiveEditConfig
+    supports_batch_edit = True
+
+    def __init__(self, vllm, config: LiveEditConfig):
+        super().__init__(vllm, config)
+        if not 0 <= config.edit_layer_i < vllm.num_layers:
+            raise UserError(f"edit_layer_i={config.edit_layer_i} but {vllm.name} has layers "
+                            f"0..{vllm.num_layers - 1}; change edit_layer_i in the LiveEdit config")
+        rc, d = config.retrieval_editor, vllm.hidden_size
+        self.edit_extractor = FeatureExtractor(rc.eqe_n, d, rc.module_dim, rc.cross_att_head_n)
+        self.inpt_extractor = FeatureExtractor(rc.eqe_n, d, rc.module_dim, rc.cross_att_head_n,
+                                               vision_tokens=vllm.num_image_tokens)
+        self.moegen_c = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # U
+        self.moegen_r = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # V
+        self.instant_reps_norm = nn.LayerNorm(d)
+        for module in self.trainable_modules().values():
+            module.to(vllm.device)
+        self.sim_scale = config.sim_scale if config.sim_scale is not None else 1.0 / math.sqrt(rc.module_dim)
+        self.repository = ExpertRepository(rc.eqe_n, rc.module_dim, rc.lora_rank, d,
+                                           dtype=resolve_dtype(config.repository_dtype), device=vllm.device)
+        self._editing = False
+        self._route_cache = None  # (batch, row index, expert index, weights) of the running batch
+        self.set_train(False)
+        self._hook = vllm.layers[config.edit_layer_i].register_forward_hook(self._edit_hook)
+
+    # ---- Editor API ----------------------------------------------------------------------------
+    @property
+    def num_edits(self) -> int:
+        return len(self.repository)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"edit_extractor": self.edit_extractor, "inpt_extractor": self.inpt_extractor,
+                "moegen_c": self.moegen_c, "moegen_r": self.moegen_r, "instant_reps_norm": self.instant_reps_norm}
+
+    def restore(self) -> None:
+        self.repository.clear()
+        self._route_cache = None
+
+    def remove(self) -> None:
+        """Detach the hook from the backbone (the editor is unusable afterwards)."""
+        self._hook.remove()
+
+    @torch.no_grad()
+    def edit(self, requests: list[Sample]) -> None:
+        """Add one expert per request; all requests go through the backbone in one batch."""
+        if not requests:
+            return
+        if any(r.image is None for r in requests):
+            raise UserError("LiveEdit edits image requests only (hard routing needs the image); "
+                            "got a text-only request")
+        batch = self.vllm.prepare([r.prompt for r in requests], [r.image for r in requests],
+                                  [r.target for r in requests])
+        hidden = self.edit_layer_output(batch)  # [b, l, D]
+        keys = self.make_edit_keys(hidden, batch)
+        self.repository.add(list(requests), **keys)
+
+    def save_edits(self, directory: str) -> None:
+        self.repository.save(directory, info={"backbone": self.vllm.name, "editor": self.name})
+
+    def load_edits(self, directory: str) -> None:
+        info = self.repository.load(directory)
+        if info.get("backbone") not in (None, self.vllm.name):
+            raise UserError(f"the expert repository in {directory} was made on {info['backbone']}, "
+                            f"this editor runs on {self.vllm.name}")
+
+    # ---- edit side -------------------------------------------------------------------------------
+    def edit_layer_output(self, batch) -> torch.Tensor:
+        """Output of layer l_e on the UNEDITED model (the hook is off while editing)."""
+        self._editing = True
+        try:
+            return self.vllm.hidden_at_layer(batch, self.config.edit_layer_i)
+        finally:
+            self._editing = False
+
+    def make_edit_keys(self, hidden: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+        """Routing keys and expert factors of each row: hidden [b, l, D] -> fields of the repository."""
+        hidden = hidden.to(self.instant_reps_norm.weight.dtype)
+        vision, vision_mask = gather_spans(hidden, batch.vision_spans)  # [b, n_img, D]
+        query, query_mask = gather_spans(hidden, batch.query_spans)  # [b, lq, D]
+        edit_span = torch.stack([batch.vision_spans[:, 0], batch.target_spans[:, 1]], dim=1)  # [v0, t1)
+        reps, reps_mask = gather_spans(hidden, edit_span)  # [b, n_img + lq + la, D]
+        return {"query_keys": self.edit_extractor.extract_query(query, query_mask),  # [b, e, md]
+                "vision_keys": self.edit_extractor.extract_vision(query, query_mask, vision, vision_mask),
+                "up": self.moegen_c(reps, reps_mask),  # [b, r, D]
+                "down": self.moegen_r(reps, reps_mask)}  # [b, r, D]
+
+    # ---- inference side ------------------------------------------------------------------------
+    def route(self, hidden: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample expert weights of the image rows of `batch`.
+
+        Returns (rows [k], experts [s], weights [k, s]): rows that select at least one expert, the
+        union of their selected experts, and each row's soft weight of each (0 if not selected).
+        """
+        empty = hidden.new_zeros(0, dtype=torch.long)
+        rows = batch.has_image.nonzero().flatten()  # [k]
+        if len(rows) == 0 or len(self.repository) == 0:
+            return empty, empty, hidden.new_zeros(0, 0)
+        h = hidden[rows].to(self.instant_reps_norm.weight.dtype)  # [k, l, D]
+        vision, vision_mask = gather_spans(h, batch.vision_spans[rows])
+        query, query_mask = gather_spans(h, batch.query_spans[rows])
+        ext = self.inpt_extractor
+        visual = ext.extract_vision(query, query_mask, vision, vision_mask)  # [k, e, md]
+        visual_sim = similarity(visual, self.repository.view("vision_keys"), self.sim_scale)  # [k, m]
+        prototype_sim = paired_similarity(visual, ext.extract_from_prototype(query, query_mask), self.sim_scale)
+        selected = visual_sim > prototype_sim[:, None]  # [k, m] hard routing
+        keep_rows = selected.any(dim=1)  # [k]
+        experts = selected.any(dim=0).nonzero().flatten()  # [s]
+        if len(experts) == 0:
+            return empty, empty, hidden.new_zeros(0, 0)
+        query_sim = similarity(ext.extract_query(query, query_mask)[keep_rows],
+                               self.repository.view("query_keys")[experts], self.sim_scale)  # [k', s]
+        weights = soft_weights(query_sim, selected[keep_rows][:, experts])  # [k', s]
+        return rows[keep_rows], experts, weights
+
+    def residual(self, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype."""
+        dtype = self.instant_reps_norm.weight.dtype
+        up = self.repository.view("up")[experts].to(dtype)  # [s, r, D]
+        down = self.repository.view("down")[experts].to(dtype)
+        x = self.instant_reps_norm(hidden.to(dtype))  # [k, l, D]
+        return mixture_residual(x, up, down, weights).to(hidden.dtype)
+
+    def _edit_hook(self, module, args, output):
+        batch = self.vllm.active_batch
+        if self._editing or self.is_training or batch is None or len(self.repository) == 0:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output  # [b, l, D]
+        if hidden.shape[1] == batch.length:  # a full forward, or the prefill of generate()
+            self._route_cache = (batch, *self.route(hidden, batch))
+        elif self._route_cache is None or self._route_cache[0] is not batch:
+            return output  # a decoding step of a batch we did not route
+        _, rows, experts, weights = self._route_cache
+        if len(rows) == 0:
+            return output
+        edited = hidden.clone()
+        edited[rows] = hidden[rows] + self.residual(hidden[rows], experts, weights)
+        return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
+
+    # ---- training (see training.py) ----------------------------------------------------------------
+    is_training = False
+
+    def set_train(self, mode: bool) -> None:
+        super().set_train(mode)
+        self.is_training = mode
+
+    def make_optimizer(self):
+        from .training import make_optimizer
+
+        return make_optimizer(self)
+
+    def training_batch(self, records: list[EditRecord], rng: np.random.Generator):
+        from .training import prepare_training_batch
+
+        return prepare_training_batch(self, records, rng)
+
+    def train_step(self, batch) -> dict[str, float]:
+        from .training import training_step
+
+        return training_step(self, batch)
