@@ -73,7 +73,7 @@ class ExpertRepository:
         tensors = {name: self.view(name).contiguous().cpu() for name in FIELDS}
         manifest = {"size": self.size, "dtype": str(self.dtype).replace("torch.", ""), "shapes": self.shapes,
                     "info": info or {},
-                    "requests": [{"prompt": s.prompt, "target": s.target, "image": s.image} for s in self.requests]}
+                    "requests": [_request_entry(s) for s in self.requests]}
         _atomic_write(directory, "experts.safetensors", lambda p: save_file(tensors, p))
         _atomic_write(directory, "manifest.json", lambda p: _dump_json(manifest, p))
 
@@ -96,6 +96,12 @@ class ExpertRepository:
         self.clear()
         self.add([Sample(**r) for r in manifest["requests"]], **tensors)
         return manifest.get("info", {})
+
+
+def _request_entry(sample: Sample) -> dict:
+    """A request for the manifest: image paths are kept; in-memory images are recorded as null."""
+    image = sample.image if isinstance(sample.image, str) or sample.image is None else None
+    return {"prompt": sample.prompt, "target": sample.target, "image": image}
 
 
 def _dump_json(obj, path: str) -> None:

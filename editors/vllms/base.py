@@ -13,6 +13,7 @@ Layout of one row (right padding shown):
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Sequence
 
 import torch
@@ -44,7 +45,7 @@ class VLLM(nn.Module):
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
         self.name = name
-        self.active_batch: VLLMBatch | None = None  # the batch whose forward is running (editors' hooks read it)
+        self._running = threading.local()  # per thread: a prefetch thread may run the model too
         self.model.eval().requires_grad_(False)
 
     # ---- subclass API -------------------------------------------------------------------------
@@ -173,14 +174,19 @@ class VLLM(nn.Module):
                          has_image=torch.tensor(with_image, device=dev))
 
     # ---- running the LM -----------------------------------------------------------------------
+    @property
+    def active_batch(self) -> VLLMBatch | None:
+        """The batch whose forward runs in this thread (editors' hooks read its spans), or None."""
+        return getattr(self._running, "batch", None)
+
     @contextlib.contextmanager
     def running(self, batch: VLLMBatch):
-        """Mark `batch` as the one being run, so hooks on the decoder layers can read its spans."""
-        previous, self.active_batch = self.active_batch, batch
+        """Mark `batch` as the one being run in this thread, so hooks on the decoder layers can read it."""
+        previous, self._running.batch = self.active_batch, batch
         try:
             yield
         finally:
-            self.active_batch = previous
+            self._running.batch = previous
 
     def forward(self, batch: VLLMBatch) -> torch.Tensor:
         """Logits [b, l, V] of the whole model (editors' hooks active)."""

@@ -1,0 +1,1 @@
+"""Baseline editors (spec §7). Registered in `editors.EDITORS`; imported lazily from there."""

@@ -1,0 +1,348 @@
+"""Checkpoints of trainable editors: save, find, load, with clear errors for every bad file.
+
+Layout (one folder per checkpoint, inside a run's `checkpoints/` folder):
+
+    checkpoints/
+        step-<N>/
+            editor.safetensors   every trainable module's state dict, keys `<module>.<param>`
+            trainer_state.pt     optimizer + scheduler state dicts, step, epoch, EMA loss, ...
+                                 (plain tensors and numbers: `torch.load(weights_only=True)` reads it)
+            meta.json            editor, backbone, step, epoch, losses, time; written LAST
+        latest                   text file naming the newest step folder (written atomically)
+
+Writes are atomic: a checkpoint is written into a hidden temporary sibling folder and renamed
+into place, and `meta.json` is its last file. A kill during a write leaves the previous
+checkpoints untouched and no folder that looks finished; readers ignore folders without
+`meta.json` and hidden folders.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any
+
+import torch
+
+from utils.errors import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+EDITOR_FILE = "editor.safetensors"
+TRAINER_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_MAX_LISTED_KEYS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint taken after step `step`."""
+    return f"step-{int(step)}"
+
+
+def editor_state_dict(editor) -> dict[str, torch.Tensor]:
+    """`<module>.<param>` -> CPU tensor for every trainable module of `editor` (copies, contiguous)."""
+    state = {}
+    for name, module in editor.trainable_modules().items():
+        for key, value in module.state_dict().items():
+            state[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def save_checkpoint(directory: str, editor, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                    state: dict) -> str:
+    """Write checkpoint `step-<state["step"]>` into `directory` (a run's `checkpoints/`) atomically.
+
+    `state` must hold `step`; `epoch`, `ema_loss`, `loss` and any other plain values (numbers,
+    strings, lists) are stored in `trainer_state.pt`, and the main ones in `meta.json`. An
+    existing folder of the same step is replaced. Returns the path of the new folder and points
+    `checkpoints/latest` at it.
+    """
+    from safetensors.torch import save_file
+
+    if "step" not in state:
+        raise ValueError("save_checkpoint: state must contain 'step'")
+    os.makedirs(directory, exist_ok=True)
+    name = checkpoint_name(state["step"])
+    token = uuid.uuid4().hex[:8]
+    tmp = os.path.join(directory, f".{name}.tmp-{token}")
+    os.makedirs(tmp)
+    try:
+        backbone = getattr(getattr(editor, "vllm", None), "name", "")
+        save_file(editor_state_dict(editor), os.path.join(tmp, EDITOR_FILE),
+                  metadata={"editor": editor.name, "backbone": backbone, "format": str(FORMAT_VERSION)})
+        trainer_state = dict(state)
+        trainer_state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+        trainer_state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
+        _write_json(os.path.join(tmp, META_FILE), _meta(editor, backbone, state))  # last: marks "finished"
+        for file in (EDITOR_FILE, TRAINER_FILE, META_FILE):
+            _fsync(os.path.join(tmp, file))
+        final = os.path.join(directory, name)
+        _move_into_place(tmp, final, token)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_latest(directory, name)
+    return final
+
+
+def _meta(editor, backbone: str, state: dict) -> dict:
+    from utils.config import config_to_dict
+
+    config = getattr(editor, "config", None)
+    meta = {
+        "format": FORMAT_VERSION,
+        "editor": editor.name,
+        "backbone": backbone,
+        "step": int(state["step"]),
+        "epoch": state.get("epoch"),
+        "ema_loss": state.get("ema_loss"),
+        "loss": state.get("loss"),
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    try:
+        meta["editor_config"] = config_to_dict(config)
+    except TypeError:  # not a dataclass: nothing to record
+        pass
+    return meta
+
+
+def _move_into_place(tmp: str, final: str, token: str) -> None:
+    """Rename `tmp` to `final`, replacing an existing `final` (moved aside first, then deleted)."""
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{token}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_latest(directory: str, name: str) -> None:
+    """Point `directory/latest` at checkpoint folder `name` (atomic replace)."""
+    tmp = os.path.join(directory, f".{LATEST_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, LATEST_FILE))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding
+# ---------------------------------------------------------------------------------------------
+
+def is_finished(folder: str) -> bool:
+    """True for a checkpoint folder whose write completed (it has meta.json and both data files)."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (META_FILE, EDITOR_FILE, TRAINER_FILE))
+
+
+def list_checkpoints(checkpoints_dir: str) -> list[tuple[int, str]]:
+    """Finished checkpoints in `checkpoints_dir` as (step, path), by step."""
+    found = []
+    for entry in os.listdir(checkpoints_dir):
+        match = _STEP_DIR.match(entry)
+        path = os.path.join(checkpoints_dir, entry)
+        if match and is_finished(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(run_or_ckpt_dir: str) -> str:
+    """The newest finished checkpoint folder under a run folder, a `checkpoints/` folder, or a step folder.
+
+    A step folder is returned as is (when finished). Otherwise the `latest` pointer wins when it
+    names a finished folder, else the finished folder with the highest step.
+    """
+    path = os.fspath(run_or_ckpt_dir)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint path does not exist: {path}")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is a file; give a checkpoint folder (step-N), a run folder or "
+                        f"a {EDITOR_FILE} file")
+    if os.path.isfile(os.path.join(path, META_FILE)) or _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        if not is_finished(path):
+            raise UserError(f"{path} is not a finished checkpoint (its write was interrupted or files are "
+                            f"missing: it needs {META_FILE}, {EDITOR_FILE} and {TRAINER_FILE}); use an "
+                            f"earlier checkpoint or the run folder")
+        return path
+    ckpt_dir = os.path.join(path, CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_dir):
+        ckpt_dir = path
+    pointed = _read_latest(ckpt_dir)
+    if pointed is not None:
+        return pointed
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise UserError(f"no finished checkpoint in {path} (folders without {META_FILE} are interrupted "
+                        f"writes and are ignored)")
+    return found[-1][1]
+
+
+def _read_latest(ckpt_dir: str) -> str | None:
+    try:
+        with open(os.path.join(ckpt_dir, LATEST_FILE), encoding="utf-8") as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    folder = os.path.join(ckpt_dir, name)
+    return folder if _STEP_DIR.match(name) and is_finished(folder) else None
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoint folder, editor.safetensors path) for any accepted checkpoint path.
+
+    Accepts a step folder, its `editor.safetensors`, a `checkpoints/` folder (or its `latest` file)
+    or a run folder.
+    A lone `.safetensors` file outside a step folder is accepted too (folder = its parent).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path) and os.path.basename(path) == LATEST_FILE:
+        path = os.path.dirname(os.path.abspath(path))  # checkpoints/latest -> the folder it points into
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise UserError(f"{path} is not a checkpoint: give a step-N folder, a run folder or an "
+                            f"{EDITOR_FILE} file")
+        return os.path.dirname(os.path.abspath(path)), path
+    folder = find_latest(path)
+    return folder, os.path.join(folder, EDITOR_FILE)
+
+
+def read_meta(folder: str) -> dict:
+    """meta.json of a checkpoint folder ({} when absent or unreadable: it is informative only)."""
+    try:
+        with open(os.path.join(folder, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def read_editor_file(file: str) -> dict[str, torch.Tensor]:
+    """The tensors of an editor.safetensors file; a truncated or corrupt file is a UserError."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device="cpu")
+    except FileNotFoundError as exc:
+        raise UserError(f"checkpoint file not found: {file}") from exc
+    except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError on bad bytes
+        raise UserError(f"{file} is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc}); "
+                        f"use another checkpoint (e.g. the run folder's previous step-N)") from exc
+
+
+def load_editor_weights(editor, path: str) -> str:
+    """Load trained weights into `editor`'s trainable modules; returns the file that was read.
+
+    `path` is a step folder, its editor.safetensors, or a run folder (its latest checkpoint).
+    Every key must be present with the right shape; otherwise one UserError lists the missing,
+    unexpected and mis-shaped keys and says which editor/backbone the checkpoint was made for.
+    """
+    folder, file = resolve_checkpoint(path)
+    loaded = read_editor_file(file)
+    modules = editor.trainable_modules()
+    expected = {f"{name}.{key}": (name, key, value) for name, module in modules.items()
+                for key, value in module.state_dict().items()}
+    problems = _key_problems(editor, loaded, expected)
+    if problems:
+        raise UserError(f"checkpoint {file} does not fit this editor: " + "; ".join(problems)
+                        + _trained_for(folder, editor))
+    per_module: dict[str, dict] = {name: {} for name in modules}
+    for full_key, (name, key, _) in expected.items():
+        per_module[name][key] = loaded[full_key]
+    with torch.no_grad():
+        for name, module in modules.items():
+            module.load_state_dict(per_module[name], strict=True)
+    return file
+
+
+def _key_problems(editor, loaded: dict, expected: dict) -> list[str]:
+    """Human-readable mismatches between checkpoint tensors and the editor's state dicts."""
+    backbone = getattr(getattr(editor, "vllm", None), "name", "?")
+    problems = []
+    for full_key, (_, _, value) in expected.items():
+        if full_key in loaded and tuple(loaded[full_key].shape) != tuple(value.shape):
+            problems.append(f"checkpoint key {full_key} has shape {list(loaded[full_key].shape)} but this editor "
+                            f"({backbone}) expects {list(value.shape)}")
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    if missing:
+        problems.append(f"missing keys: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_short_list(unexpected)}")
+    return problems
+
+
+def _short_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
+    more = len(keys) - _MAX_LISTED_KEYS
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _trained_for(folder: str, editor) -> str:
+    meta = read_meta(folder)
+    if not meta:
+        return f"; was it trained for editor {editor.name} on this backbone?"
+    return (f"; the checkpoint was trained for {meta.get('backbone', '?')} with editor "
+            f"{meta.get('editor', '?')} ({META_FILE})")
+
+
+def load_trainer_state(path: str) -> dict:
+    """The trainer state of a checkpoint (optimizer, scheduler, step, epoch, ema_loss, ...).
+
+    `path` is a step folder, its editor.safetensors, or a run folder (its latest checkpoint).
+    """
+    folder, _ = resolve_checkpoint(path)
+    file = os.path.join(folder, TRAINER_FILE)
+    if not os.path.isfile(file):
+        raise UserError(f"{folder} has no {TRAINER_FILE}: it holds weights only, so training cannot resume "
+                        f"from it (evaluation can still load it)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{file} is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc}); "
+                        f"resume from another checkpoint") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{file} is not a trainer state written by this tool (no 'step')")
+    return state
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, state: dict, where: str) -> None:
+    """Load optimizer / scheduler state dicts from a trainer state; mismatches are UserErrors."""
+    try:
+        if state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"the optimizer state in {where} does not fit this editor's optimizer ({exc}); "
+                        f"was it trained with another editor config?") from exc
+
+
+__all__ = ["save_checkpoint", "load_editor_weights", "load_trainer_state", "find_latest", "resolve_checkpoint",
+           "read_meta", "restore_optimizer", "list_checkpoints", "checkpoint_name", "editor_state_dict",
+           "is_finished", "write_latest", "CHECKPOINTS_DIR", "EDITOR_FILE", "TRAINER_FILE", "META_FILE",
+           "LATEST_FILE"]
