@@ -1,0 +1,703 @@
+"""Sequential editing evaluation of any `Editor` (spec §9.2), with resume, lifelong mode and plots.
+
+Chunked protocol (the paper's, so numbers compare): split the records into consecutive chunks
+of `sequential_edit_n` edits (a trailing partial chunk is KEPT and reported with its size). Per
+chunk: record the unedited model's locality predictions; apply the chunk's edits (one request
+per `edit` call, timed with a CUDA sync; or one batched call when the editor says
+`supports_batch_edit`, each edit then gets total / n); score reliability, generality, locality
+and portability of the chunk's records with all of its edits in place; `restore()`.
+
+Lifelong mode (`lifelong=True`): the same chunks, but the editor is never restored, locality is
+measured against the ORIGINAL model (its predictions are computed once, before any edit), and
+after the N-th edit for N = 1, 10, 100, ... and the last edit, the records edited so far are
+scored (at most `lifelong_sample_n` of them: a uniform sample without replacement, seeded by
+(seed, N), so a resumed run draws the same one). After each chunk the editor's edits are saved
+(`save_edits`, when supported) so that a killed run reloads them instead of re-editing.
+
+Files, under `<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelong}_edit_<n>/`:
+    results.json, mean_results.json   spec §9.4 layout (+ "exact_match" per item, + "run")
+    lifelong.json                     lifelong mode: metrics at each checkpoint
+    metrics_vs_edits.png              each metric against the chunk index / number of edits
+    tb/                               TensorBoard scalars, one step per chunk (and checkpoint)
+    progress/                         one JSON per finished chunk (full precision); the final
+                                      files are rebuilt from these, and a rerun resumes after
+                                      the last finished chunk
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from utils.errors import UserError
+from utils.records import EditRecord, Sample
+from utils.scoring import decode, exact_match, generate_answers, teacher_forced, token_accuracy
+
+ROUND_DIGITS = 4
+GROUP_ORDER = ("generality", "locality", "portability", "reliability")  # key order of a record result
+OUTPUT_FILES = ("results.json", "mean_results.json", "lifelong.json", "metrics_vs_edits.png")
+EDITS_MARKER = "_evaluation_chunks_done.json"
+
+
+@dataclass
+class EvalConfig:
+    """How to run one evaluation; everything that changes the numbers must match to resume."""
+
+    sequential_edit_n: int
+    """Edits per chunk (-sen)."""
+    data_name: str = "TOY"
+    """Dataset name, used in the folder name (upper-cased)."""
+    eval_name_postfix: str = ""
+    """Appended to the dataset folder name as `-<postfix>` (-enp)."""
+    editor_name: str = ""
+    """Folder name of the editor; default: `editor.name`."""
+    model_name: str = ""
+    """Folder name of the backbone; default: `vllm.name`."""
+    results_dir: str = "eval_results"
+    batch_size: int = 16
+    """Samples per forward pass when scoring (any value gives the same numbers)."""
+    exact_match: bool = True
+    """Also score greedy generation (exact match); costs one generation per sample."""
+    lifelong: bool = False
+    """Never restore between chunks; score checkpoints 1, 10, 100, ... edits into lifelong.json."""
+    lifelong_sample_n: int = 1000
+    """At most this many edited records are scored at a lifelong checkpoint."""
+    overwrite: bool = False
+    """Delete earlier results of this run folder and start over."""
+    seed: int = 0
+    """Seeds the lifelong checkpoint sample (the CLI also seeds torch / numpy with it)."""
+    data_sample_n: int | None = None
+    """Recorded only: how many records were read (-dsn)."""
+    editor_checkpoint: str | None = None
+    """Recorded only: the editor weights used (-ckpt)."""
+    device: str = ""
+    """Recorded only; default: the backbone's device."""
+    show_progress: bool = True
+    """tqdm bars for preparing, editing and scoring."""
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class EvalOutcome:
+    """What `evaluate` did and where the files are."""
+
+    folder: str
+    total_mean: dict
+    split_mean: list[dict]
+    run: dict
+    chunks_run: int
+    chunks_resumed: int
+    lifelong: list[dict] | None = None
+
+    @property
+    def already_complete(self) -> bool:
+        return self.chunks_run == 0 and self.chunks_resumed > 0
+
+
+# ---- records -> items ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One scored sample: `group` is reliability / generality / locality / portability."""
+
+    record: int           # position of its record in the evaluated list
+    group: str
+    kind: str | None      # "text_rephrase", "image_loc", ...; None for reliability / portability
+    index: int            # position in its list
+    sample: Sample
+
+    @property
+    def key(self) -> str:
+        return f"{self.record}/{self.group}/{self.kind}/{self.index}"
+
+
+def record_items(records: Sequence[EditRecord], positions: Iterable[int]) -> list[Item]:
+    """Every sample of the records at `positions`, in result-file order."""
+    items = []
+    for pos in positions:
+        r = records[pos]
+        for kind, samples in r.generality.items():
+            items += [Item(pos, "generality", kind, i, s) for i, s in enumerate(samples)]
+        for kind, samples in r.locality.items():
+            items += [Item(pos, "locality", kind, i, s) for i, s in enumerate(samples)]
+        items += [Item(pos, "portability", None, i, s) for i, s in enumerate(r.portability)]
+        items += [Item(pos, "reliability", None, i, s) for i, s in enumerate(r.requests)]
+    return items
+
+
+def split_into_chunks(records: Sequence[EditRecord], edit_n: int) -> list[list[int]]:
+    """Record positions per chunk; a chunk closes once it holds `edit_n` requests (last may be partial)."""
+    if edit_n < 1:
+        raise UserError(f"sequential_edit_n must be at least 1, got {edit_n} (-sen)")
+    chunks, current, count = [], [], 0
+    for pos, record in enumerate(records):
+        current.append(pos)
+        count += len(record.requests)
+        if count >= edit_n:
+            chunks.append(current)
+            current, count = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+# ---- pre-edit predictions and scoring ------------------------------------------------------------
+
+def predict_before_edit(vllm, items: list[Item], cfg: EvalConfig) -> dict[str, dict]:
+    """Locality reference of each item on the current (unedited) model: ids, text, generation."""
+    samples = [it.sample for it in items]
+    tf = teacher_forced(vllm, samples, cfg.batch_size, "preparing", cfg.show_progress)
+    generated = [None] * len(items)
+    if cfg.exact_match:
+        generated = generate_answers(vllm, samples, [len(x) for x in tf.labels], cfg.batch_size,
+                                     "preparing (generate)", cfg.show_progress)
+    return {it.key: {"ids": ids, "text": decode(vllm, ids), "generated": gen}
+            for it, ids, gen in zip(items, tf.predicted, generated)}
+
+
+def score_records(vllm, records: Sequence[EditRecord], positions: Sequence[int], pre: dict[str, dict],
+                  edit_times: dict[str, float] | None, cfg: EvalConfig) -> list[dict]:
+    """Per-record results (spec §9.4 layout) of the records at `positions`, edits in place."""
+    items = record_items(records, positions)
+    samples = [it.sample for it in items]
+    tf = teacher_forced(vllm, samples, cfg.batch_size, "scoring", cfg.show_progress)
+    generated = [None] * len(items)
+    if cfg.exact_match:
+        generated = generate_answers(vllm, samples, [len(x) for x in tf.labels], cfg.batch_size,
+                                     "scoring (generate)", cfg.show_progress)
+    by_record: dict[int, dict] = {pos: {} for pos in positions}
+    for it, ids, labels, gen in zip(items, tf.predicted, tf.labels, generated):
+        result = _item_result(vllm, it, ids, labels, gen, pre, edit_times, cfg.exact_match)
+        groups = by_record[it.record]
+        if it.kind is None:
+            groups.setdefault(it.group, []).append(result)
+        else:
+            groups.setdefault(it.group, {}).setdefault(it.kind, []).append(result)
+    return [{g: by_record[pos][g] for g in GROUP_ORDER if g in by_record[pos]} for pos in positions]
+
+
+def _item_result(vllm, it: Item, ids: list[int], labels: list[int], generated: str | None,
+                 pre: dict[str, dict], edit_times: dict[str, float] | None, with_em: bool) -> dict:
+    s = it.sample
+    out: dict[str, Any] = {"image": s.image, "prompt": s.prompt, "target": s.target}
+    if it.group == "reliability" and edit_times is not None:
+        out["edit_time"] = edit_times[it.key]
+    if it.group == "locality":
+        before = pre[it.key]
+        out["predict_before_edit"] = before["text"]
+        out["predict_after_edit"] = decode(vllm, ids)
+        out["acc"] = token_accuracy(ids, before["ids"])
+        if with_em:
+            out["exact_match"] = exact_match(generated, before["generated"])
+        return out
+    out["predict_after_edit"] = decode(vllm, ids)
+    out["acc"] = token_accuracy(ids, labels)
+    if with_em:
+        out["exact_match"] = exact_match(generated, s.target)
+    return out
+
+
+# ---- editing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def apply_edits(editor, requests: list[Sample], bar=None) -> list[float]:
+    """Edit `requests` in order; seconds per edit (a batched call's time is split evenly)."""
+    if not requests:
+        return []
+    device = editor.vllm.device
+    if getattr(editor, "supports_batch_edit", False):
+        _sync(device)
+        start = time.perf_counter()
+        editor.edit(list(requests))
+        _sync(device)
+        if bar is not None:
+            bar.update(len(requests))
+        return [(time.perf_counter() - start) / len(requests)] * len(requests)
+    times = []
+    for request in requests:
+        _sync(device)
+        start = time.perf_counter()
+        editor.edit([request])
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if bar is not None:
+            bar.update(1)
+    return times
+
+
+def _requests(records: Sequence[EditRecord], positions: Iterable[int]) -> list[tuple[str, Sample]]:
+    """(reliability item key, request) of every request of the records, in edit order."""
+    return [(f"{pos}/reliability/None/{i}", s) for pos in positions for i, s in enumerate(records[pos].requests)]
+
+
+# ---- means and rounding -------------------------------------------------------------------------
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mean_items(items: list[dict]) -> dict:
+    keys = [k for k in dict.fromkeys(k for it in items for k in it) if any(_is_number(it.get(k)) for it in items)]
+    return {k: float(np.mean([it[k] for it in items if _is_number(it.get(k))])) for k in keys}
+
+
+def mean_results(results: Sequence[dict]) -> dict:
+    """Mean of every numeric field over all items of all records (spec §9.4 `get_mean_results`)."""
+    out: dict[str, Any] = {}
+    for group in GROUP_ORDER:
+        values = [r[group] for r in results if group in r]
+        if not values:
+            continue
+        if isinstance(values[0], list):
+            items = [it for v in values for it in v]
+            if items:
+                out[group] = _mean_items(items)
+        else:
+            kinds = dict.fromkeys(k for v in values for k in v)
+            per_kind = {k: [it for v in values for it in v.get(k, [])] for k in kinds}
+            out[group] = {k: _mean_items(its) for k, its in per_kind.items() if its}
+    return out
+
+
+def round_floats(obj, digits: int = ROUND_DIGITS):
+    """A copy of `obj` with every float rounded (the paper's files keep 4 decimals)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def flatten_metrics(mean: dict, prefix: str = "") -> dict[str, float]:
+    """{"reliability": {"acc": a}} -> {"reliability/acc": a} (numbers only)."""
+    flat = {}
+    for key, value in mean.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name + "/"))
+        elif _is_number(value):
+            flat[name] = float(value)
+    return flat
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def write_json_atomic(path: str, obj, indent: int | None = 4) -> None:
+    """Write JSON to a temporary file next to `path`, then rename it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_folder(cfg: EvalConfig, editor_name: str, model_name: str) -> str:
+    """`<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelong}_edit_<n>`."""
+    name = cfg.data_name.upper() + (f"-{cfg.eval_name_postfix}" if cfg.eval_name_postfix else "")
+    mode = "lifelong_edit" if cfg.lifelong else "sequential_edit"
+    return os.path.join(cfg.results_dir, editor_name, model_name, name, f"{mode}_{cfg.sequential_edit_n}")
+
+
+def data_fingerprint(records: Sequence[EditRecord]) -> str:
+    payload = json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_name: str, model_name: str) -> dict:
+    """Everything that changes the numbers; a resumed run must match it exactly."""
+    config = editor.config
+    editor_config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    identity = {"editor": editor_name, "model": model_name, "data": cfg.data_name.upper(),
+                "eval_name_postfix": cfg.eval_name_postfix, "sequential_edit_n": cfg.sequential_edit_n,
+                "lifelong": cfg.lifelong, "exact_match": cfg.exact_match, "seed": cfg.seed,
+                "data_sample_n": cfg.data_sample_n, "editor_checkpoint": cfg.editor_checkpoint,
+                "editor_config": editor_config, "n_records": len(records),
+                "data_fingerprint": data_fingerprint(records)}
+    if cfg.lifelong:
+        identity["lifelong_sample_n"] = cfg.lifelong_sample_n
+    return json.loads(json.dumps(identity))
+
+
+class Progress:
+    """The `progress/` folder: run identity, one JSON per finished chunk, lifelong extras."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.dir = os.path.join(folder, "progress")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def clear(self) -> None:
+        """Remove the files this module writes (nothing else in the folder is touched)."""
+        for name in ("progress", "tb"):
+            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+        for name in OUTPUT_FILES:
+            if os.path.isfile(os.path.join(self.folder, name)):
+                os.remove(os.path.join(self.folder, name))
+
+    def start(self, identity: dict, config: dict) -> None:
+        """Create the folder, or check that the stored identity matches (else refuse)."""
+        os.makedirs(self.dir, exist_ok=True)
+        run_path = self.path("run.json")
+        if os.path.isfile(run_path):
+            stored = read_json(run_path)["identity"]
+            differing = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+            if differing:
+                raise UserError(
+                    f"{self.folder} holds results of a run with a different configuration (differs in: "
+                    f"{', '.join(differing)}). Pass --overwrite to start over, or choose another "
+                    f"-enp/--eval_name_postfix or --results_dir.")
+            return
+        write_json_atomic(run_path, {"identity": identity, "config": config, "created": time.time()})
+
+    def chunk_path(self, k: int) -> str:
+        return self.path(f"chunk_{k:05d}.json")
+
+    def finished_chunks(self, n_chunks: int) -> int:
+        """How many chunks from the first are finished."""
+        k = 0
+        while k < n_chunks and os.path.isfile(self.chunk_path(k)):
+            k += 1
+        return k
+
+    def load_chunks(self, n: int) -> list[dict]:
+        return [read_json(self.chunk_path(k)) for k in range(n)]
+
+    def checkpoint_path(self, n_edits: int) -> str:
+        return self.path(f"checkpoint_{n_edits:09d}.json")
+
+
+# ---- TensorBoard and plot -----------------------------------------------------------------------
+
+class ScalarLog:
+    """TensorBoard scalars under `<folder>/tb` (a no-op when disabled)."""
+
+    def __init__(self, folder: str, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=os.path.join(folder, "tb"))
+
+    def log(self, mean: dict, step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for name, value in flatten_metrics(mean, prefix).items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_metrics(path: str, xs: Sequence[int], means: Sequence[dict], xlabel: str, log_x: bool) -> None:
+    """One line per accuracy / exact-match metric against `xs` (PNG, Agg canvas, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    flat = [flatten_metrics(m) for m in means]
+    names = [n for n in dict.fromkeys(k for f in flat for k in f) if n.endswith(("/acc", "/exact_match"))]
+    fig = Figure(figsize=(10, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in names:
+        ys = [f.get(name, np.nan) for f in flat]
+        style = "--" if name.endswith("exact_match") else "-"
+        ax.plot(xs, ys, style, marker="o", markersize=3, label=name)
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+# ---- lifelong helpers ---------------------------------------------------------------------------
+
+def lifelong_checkpoints(total_edits: int) -> list[int]:
+    """1, 10, 100, ... up to `total_edits`, plus `total_edits` itself."""
+    points, n = [], 1
+    while n <= total_edits:
+        points.append(n)
+        n *= 10
+    if total_edits and total_edits not in points:
+        points.append(total_edits)
+    return points
+
+
+def checkpoint_sample(n_edited: int, n_edits: int, cfg: EvalConfig) -> list[int]:
+    """Which of the first `n_edited` records a checkpoint scores (sorted, seeded by (seed, N))."""
+    if n_edited <= cfg.lifelong_sample_n:
+        return list(range(n_edited))
+    rng = np.random.default_rng([cfg.seed, n_edits])
+    return sorted(int(i) for i in rng.choice(n_edited, size=cfg.lifelong_sample_n, replace=False))
+
+
+def _save_edits(editor, progress: Progress, chunks_done: int) -> bool:
+    """Save the editor's edits after `chunks_done` chunks (swapped in atomically); False if unsupported."""
+    tmp, final, old = progress.path("edits.tmp"), progress.path("edits"), progress.path("edits.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        editor.save_edits(tmp)
+    except NotImplementedError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    write_json_atomic(os.path.join(tmp, EDITS_MARKER), {"chunks_done": chunks_done})
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _reload_edits(editor, progress: Progress, chunks_done: int) -> bool:
+    """Load the saved edits if they were saved after exactly `chunks_done` chunks."""
+    final = progress.path("edits")
+    marker = os.path.join(final, EDITS_MARKER)
+    if not os.path.isfile(marker) or read_json(marker).get("chunks_done") != chunks_done:
+        return False
+    try:
+        editor.load_edits(final)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# ---- the protocol -------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """State of one `evaluate` call."""
+
+    editor: Any
+    records: Sequence[EditRecord]
+    cfg: EvalConfig
+    chunks: list[list[int]]
+    progress: Progress
+    log: ScalarLog
+    pre: dict[str, dict] = field(default_factory=dict)   # lifelong: locality reference of every record
+    checkpoints: list[int] = field(default_factory=list)
+    config: dict = field(default_factory=dict)            # this call's EvalConfig (+ device), for "run"
+
+    @property
+    def vllm(self):
+        return self.editor.vllm
+
+
+def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutcome:
+    """Run (or resume) the sequential evaluation of `editor` on `records`; write and return results."""
+    if not records:
+        raise UserError("no records to evaluate (check the dataset and -dsn)")
+    if cfg.batch_size < 1:
+        raise UserError(f"eval batch size must be at least 1, got {cfg.batch_size} (--eval_batch_size)")
+    editor_name = cfg.editor_name or editor.name
+    model_name = cfg.model_name or editor.vllm.name
+    folder = run_folder(cfg, editor_name, model_name)
+    progress = Progress(folder)
+    if cfg.overwrite:
+        progress.clear()
+    config = dataclasses.asdict(cfg) | {"device": cfg.device or str(editor.vllm.device)}
+    progress.start(run_identity(cfg, editor, records, editor_name, model_name), config)
+    chunks = split_into_chunks(records, cfg.sequential_edit_n)
+    done = progress.finished_chunks(len(chunks))
+    run = _Run(editor, records, cfg, chunks, progress, ScalarLog(folder, cfg.tensorboard and done < len(chunks)),
+               config=config)
+    editor.restore()
+    try:
+        if done < len(chunks):
+            if cfg.lifelong:
+                _lifelong_setup(run, done)
+            _run_chunks(run, done)
+    finally:
+        editor.restore()
+        run.log.close()
+    return _finalize(run, folder, chunks_run=len(chunks) - done, chunks_resumed=done)
+
+
+def _run_chunks(run: _Run, start: int) -> None:
+    bar = tqdm(total=len(run.chunks), initial=start, desc="chunks", unit="chunk", disable=not run.cfg.show_progress)
+    for k in range(start, len(run.chunks)):
+        summary = _lifelong_chunk(run, k) if run.cfg.lifelong else _chunk(run, k)
+        write_json_atomic(run.progress.chunk_path(k), summary, indent=None)
+        run.log.log(summary["mean"], k + 1)
+        bar.update(1)
+    bar.close()
+
+
+def _chunk(run: _Run, k: int) -> dict:
+    """Chunked protocol: pre-edit locality, edits, scoring, restore."""
+    positions = run.chunks[k]
+    start = time.perf_counter()
+    loc_items = [it for it in record_items(run.records, positions) if it.group == "locality"]
+    pre = predict_before_edit(run.vllm, loc_items, run.cfg)
+    prepare_time = time.perf_counter() - start
+    try:
+        edit_times = _edit(run, _requests(run.records, positions))
+        results, score_time = _score(run, positions, pre, edit_times)
+    finally:
+        run.editor.restore()
+    return _summary(k, positions, results, edit_times, score_time, prepare_time)
+
+
+def _edit(run: _Run, requests: list[tuple[str, Sample]]) -> dict[str, float]:
+    bar = tqdm(total=len(requests), desc="editing", unit="edit", leave=False, disable=not run.cfg.show_progress)
+    times = apply_edits(run.editor, [s for _, s in requests], bar)
+    bar.close()
+    return {key: t for (key, _), t in zip(requests, times)}
+
+
+def _score(run: _Run, positions: Sequence[int], pre: dict, edit_times: dict | None) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    results = score_records(run.vllm, run.records, positions, pre, edit_times, run.cfg)
+    return results, time.perf_counter() - start
+
+
+def _summary(k: int, positions: list[int], results: list[dict], edit_times: dict, score_time: float,
+             prepare_time: float) -> dict:
+    n_samples = sum(len(v) if isinstance(v, list) else sum(map(len, v.values()))
+                    for r in results for v in r.values())
+    return {"chunk": k, "positions": positions, "n_edits": len(edit_times),
+            "edit_time_s": float(sum(edit_times.values())), "score_time_s": score_time,
+            "prepare_time_s": prepare_time, "n_scored_records": len(results), "n_scored_samples": n_samples,
+            "mean": mean_results(results), "results": results}
+
+
+# ---- lifelong mode ------------------------------------------------------------------------------
+
+def _lifelong_setup(run: _Run, done: int) -> None:
+    """Locality reference of the original model, then the edits of the finished chunks."""
+    pre_path = run.progress.path("pre_edit.json")
+    if os.path.isfile(pre_path):
+        run.pre = read_json(pre_path)
+    else:
+        loc_items = [it for it in record_items(run.records, range(len(run.records))) if it.group == "locality"]
+        run.pre = predict_before_edit(run.vllm, loc_items, run.cfg)
+        write_json_atomic(pre_path, run.pre, indent=None)
+    total = sum(len(r.requests) for r in run.records)
+    run.checkpoints = lifelong_checkpoints(total)
+    if done and not _reload_edits(run.editor, run.progress, done):
+        replay = [s for k in range(done) for _, s in _requests(run.records, run.chunks[k])]
+        bar = tqdm(total=len(replay), desc="replaying edits", unit="edit", leave=False,
+                   disable=not run.cfg.show_progress)
+        apply_edits(run.editor, replay, bar)
+        bar.close()
+
+
+def _lifelong_chunk(run: _Run, k: int) -> dict:
+    """Edits of chunk k on top of all earlier ones, stopping at checkpoints; then score and save."""
+    positions = run.chunks[k]
+    requests = _requests(run.records, positions)
+    before = sum(len(run.records[p].requests) for c in run.chunks[:k] for p in c)
+    # cumulative edit count after each record of this chunk (a record counts once all its requests are in)
+    ends = np.cumsum([len(run.records[p].requests) for p in positions]) + before
+    edit_times: dict[str, float] = {}
+    cut = 0
+    stops = sorted({c for c in run.checkpoints if before < c <= before + len(requests)} | {before + len(requests)})
+    for n in stops:
+        edit_times |= _edit(run, requests[cut:n - before])
+        cut = n - before
+        if n in run.checkpoints and not os.path.isfile(run.progress.checkpoint_path(n)):
+            n_edited = positions[0] + int(np.searchsorted(ends, n, side="right"))
+            _checkpoint(run, n, n_edited)
+    results, score_time = _score(run, positions, run.pre, edit_times)
+    _save_edits(run.editor, run.progress, k + 1)
+    return _summary(k, positions, results, edit_times, score_time, 0.0)
+
+
+def _checkpoint(run: _Run, n_edits: int, n_edited: int) -> None:
+    """Score (a sample of) the first `n_edited` records with `n_edits` edits in place."""
+    positions = checkpoint_sample(n_edited, n_edits, run.cfg)
+    results, score_time = _score(run, positions, run.pre, None)
+    entry = {"edits": n_edits, "edited_records": n_edited, "scored_records": len(positions),
+             "score_time_s": score_time, "mean": mean_results(results)}
+    write_json_atomic(run.progress.checkpoint_path(n_edits), entry, indent=None)
+    run.log.log(entry["mean"], n_edits, prefix="lifelong/")
+
+
+# ---- final files --------------------------------------------------------------------------------
+
+def _finalize(run: _Run, folder: str, chunks_run: int, chunks_resumed: int) -> EvalOutcome:
+    """Rebuild results.json, mean_results.json (and lifelong.json, the plot) from progress/."""
+    chunks = run.progress.load_chunks(len(run.chunks))
+    results = [c["results"] for c in chunks]
+    total_edits = sum(c["n_edits"] for c in chunks)
+    total_mean = mean_results([r for chunk in results for r in chunk]) | {"total_edit_n": total_edits}
+    split_mean = [c["mean"] | {"sequential_edit_n": c["n_edits"]} for c in chunks]
+    run_info = _run_info(run, chunks, chunks_run, chunks_resumed)
+    write_json_atomic(os.path.join(folder, "results.json"), round_floats(results))
+    write_json_atomic(os.path.join(folder, "mean_results.json"),
+                      round_floats({"total_mean": total_mean, "split_mean": split_mean, "run": run_info}))
+    lifelong = _write_lifelong(run, folder) if run.cfg.lifelong else None
+    if run.cfg.plot:
+        if lifelong:
+            plot_metrics(os.path.join(folder, "metrics_vs_edits.png"), [c["edits"] for c in lifelong],
+                         [c["mean"] for c in lifelong], "number of edits (lifelong, no restore)", log_x=True)
+        else:
+            plot_metrics(os.path.join(folder, "metrics_vs_edits.png"), list(range(1, len(chunks) + 1)),
+                         [c["mean"] for c in chunks], f"chunk index ({run.cfg.sequential_edit_n} edits each)",
+                         log_x=False)
+    return EvalOutcome(folder, total_mean, split_mean, run_info, chunks_run, chunks_resumed, lifelong)
+
+
+def _run_info(run: _Run, chunks: list[dict], chunks_run: int, chunks_resumed: int) -> dict:
+    import transformers
+
+    edits = sum(c["n_edits"] for c in chunks)
+    edit_time = sum(c["edit_time_s"] for c in chunks)
+    score_time = sum(c["score_time_s"] for c in chunks)
+    scored = sum(c["n_scored_records"] for c in chunks)
+    samples = sum(c["n_scored_samples"] for c in chunks)
+    stored = read_json(run.progress.path("run.json"))
+    return {"config": run.config, "identity": stored["identity"],
+            "device": str(run.vllm.device), "dtype": str(run.vllm.dtype).replace("torch.", ""),
+            "chunks": len(chunks), "chunks_run": chunks_run, "chunks_resumed": chunks_resumed,
+            "total_edit_n": edits, "total_edit_time_s": edit_time,
+            "edits_per_s": edits / edit_time if edit_time > 0 else None,
+            "scoring_time_s": score_time, "scored_records": scored, "scored_samples": samples,
+            "records_per_s": scored / score_time if score_time > 0 else None,
+            "samples_per_s": samples / score_time if score_time > 0 else None,
+            "prepare_time_s": sum(c.get("prepare_time_s", 0.0) for c in chunks),
+            "edits_saved": os.path.isdir(run.progress.path("edits")) if run.cfg.lifelong else None,
+            "finished": time.time(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _write_lifelong(run: _Run, folder: str) -> list[dict]:
+    total = sum(len(r.requests) for r in run.records)
+    entries = [read_json(run.progress.checkpoint_path(n)) for n in lifelong_checkpoints(total)
+               if os.path.isfile(run.progress.checkpoint_path(n))]
+    doc = {"sample_policy": f"all edited records, or a uniform sample of {run.cfg.lifelong_sample_n} "
+                            f"without replacement seeded by (seed={run.cfg.seed}, edits)",
+           "checkpoints": entries}
+    write_json_atomic(os.path.join(folder, "lifelong.json"), round_floats(doc))
+    return entries
