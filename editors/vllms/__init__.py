@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from utils.devices import resolve_device, resolve_dtype
+from utils.devices import resolve_device, resolve_dtype, tune_cpu_threads
 from utils.errors import UserError
 from .base import VLLM
 from .batch import VLLMBatch
@@ -65,9 +65,13 @@ def _check_architecture(path: str, full: str) -> None:
 
 
 def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> VLLM:
-    """Load backbone `name` on `device`; tiny names without a path are built from configs."""
+    """Load backbone `name` on `device`; tiny names without a path are built from configs.
+
+    Tiny backbones on CPU switch torch to one thread (see `utils.devices.tune_cpu_threads`).
+    """
     full = canonical_name(name)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    tune_cpu_threads(full, device)
     if full in TINY_NAMES and not path:
         vllm = build_tiny(full, device=device)
         return vllm.to(dtype) if dtype else vllm
