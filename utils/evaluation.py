@@ -313,7 +313,10 @@ def read_json(path: str):
 
 def run_folder(cfg: EvalConfig, editor_name: str, model_name: str) -> str:
     """`<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelong}_edit_<n>`."""
-    name = cfg.data_name.upper() + (f"-{cfg.eval_name_postfix}" if cfg.eval_name_postfix else "")
+    from utils.names import safe_name_part
+
+    postfix = safe_name_part(cfg.eval_name_postfix, "-enp/--eval_name_postfix") if cfg.eval_name_postfix else ""
+    name = cfg.data_name.upper() + (f"-{postfix}" if postfix else "")
     mode = "lifelong_edit" if cfg.lifelong else "sequential_edit"
     return os.path.join(cfg.results_dir, editor_name, model_name, name, f"{mode}_{cfg.sequential_edit_n}")
 

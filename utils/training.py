@@ -51,6 +51,7 @@ import torch
 import yaml
 
 from utils.errors import UserError
+from utils.names import safe_name_part
 
 _BATCH_STREAM = 1_000_003   # rng of step s: default_rng([seed, _BATCH_STREAM, s])
 _TORCH_STREAM = 2_000_003   # torch.manual_seed before step s: drawn from default_rng([seed, _TORCH_STREAM, s])
@@ -139,6 +140,8 @@ def validate_run_config(cfg: TrainRunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if cfg.name_prefix:
+        safe_name_part(cfg.name_prefix, "-tnp/--train_name_prefix")
 
 
 def time_seed() -> int:
