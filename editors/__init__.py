@@ -5,6 +5,7 @@ Configs live in `configs/<editor>/<backbone name>.yaml` (e.g. `configs/liveedit/
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -16,6 +17,7 @@ EDITORS = {
     "liveedit": "editors.liveedit.editor:LiveEdit",
     "ft_l": "editors.baselines.ft:FTL",
     "ft_m": "editors.baselines.ft:FTM",
+    "none": "editors.baselines.noop:NoEdit",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -36,6 +38,8 @@ def load_editor(name: str, vllm, config_path: str | None = None, checkpoint: str
     """Build editor `name` on backbone `vllm` from its YAML config; load trained weights if given."""
     cls = editor_class(name)
     path = config_path or default_config_path(name, vllm.name)
+    if not dataclasses.fields(cls.config_class):  # nothing to configure
+        return cls(vllm, cls.config_class())
     if not os.path.isfile(path):
         raise UserError(f"no config for editor {name} on backbone {vllm.name}: {path} is missing "
                         f"(pass --config or add that file)")

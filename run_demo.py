@@ -1,0 +1,162 @@
+"""The embedded default: the whole LiveEdit job on the toy world, on a CPU, in minutes.
+
+    python run_demo.py            (or: make demo)
+
+Stages, each skipped when its output exists (delete records/demo to start over):
+1. generate the toy world                       -> data/toyworld/
+2. pretrain tiny-blip2 on it                    -> records/pretrained/tiny-blip2-<key>/
+3. train the LiveEdit editor                    -> records/demo/liveedit/tiny-blip2/<run>/
+4. evaluate: unedited, LiveEdit at 1 / 10 / 100 sequential edits, FT-L at 100
+                                                -> eval_results/demo/<editor>/tiny-blip2/TOY-demo/...
+5. write records/demo/summary.json, records/demo/demo_metrics.png and print a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from utils.errors import UserError  # noqa: E402
+
+MODEL = "tiny-blip2"
+DEMO_DIR = os.path.join("records", "demo")
+RESULTS_DIR = os.path.join("eval_results", "demo")
+METRICS = {"rel": ("reliability",), "t_gen": ("generality", "text_rephrase"),
+           "m_gen": ("generality", "image_rephrase"), "t_loc": ("locality", "text_loc"),
+           "m_loc": ("locality", "image_loc")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_steps", type=int, default=800, help="LiveEdit training steps (default 800)")
+    p.add_argument("--batch_size", type=int, default=8, help="LiveEdit training batch size (default 8)")
+    p.add_argument("--eval_records", type=int, default=200, help="toy eval records to edit (default 200)")
+    p.add_argument("--data_dir", default="data", help="where the toy world goes (default data/)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def train_liveedit(args, backbone_dir: str) -> str:
+    """Final checkpoint of the demo's LiveEdit training (trained once, then reused)."""
+    from utils.training import TrainRunConfig, run_training
+
+    pointer = os.path.join(DEMO_DIR, "liveedit_checkpoint.json")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            saved = json.load(f)
+        if saved["train_steps"] == args.train_steps and os.path.isdir(saved["checkpoint"]):
+            print(f"[3/5] LiveEdit already trained: {saved['checkpoint']}")
+            return saved["checkpoint"]
+    print(f"[3/5] training LiveEdit on {MODEL} for {args.train_steps} steps")
+    result = run_training(TrainRunConfig(
+        editor_name="liveedit", model_name=MODEL, data_name="TOY", batch_size=args.batch_size,
+        max_steps=args.train_steps, save_every=max(args.train_steps // 4, 1), seed=args.seed,
+        records_dir=DEMO_DIR, name_prefix="demo", model_path=backbone_dir, data_dir=args.data_dir))
+    with open(pointer, "w") as f:
+        json.dump({"checkpoint": result.final_checkpoint, "train_steps": args.train_steps}, f)
+    return result.final_checkpoint
+
+
+def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None) -> dict:
+    """Mean metrics of one sequential evaluation (resumed or reused when already on disk)."""
+    from editors import load_editor
+    from utils.evaluation import EvalConfig, evaluate as run_eval
+
+    editor = load_editor(editor_name, vllm, checkpoint=checkpoint)
+    try:
+        outcome = run_eval(editor, records, EvalConfig(
+            sequential_edit_n=edits, data_name="TOY", eval_name_postfix="demo", results_dir=RESULTS_DIR,
+            batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True))
+    finally:
+        if hasattr(editor, "remove"):
+            editor.remove()
+        else:
+            editor.restore()
+    mean = outcome.total_mean
+    return {key: round(_dig(mean, path)["acc"], 4) for key, path in METRICS.items()}
+
+
+def _dig(mean: dict, path: tuple) -> dict:
+    for key in path:
+        mean = mean[key]
+    return mean
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = [1, 10, 100]
+    for key in METRICS:
+        ax.plot(xs, [summary["liveedit"][str(x)][key] for x in xs], marker="o", label=f"LiveEdit {key}")
+    ax.scatter([100] * 5, [summary["ft_l"]["100"][k] for k in METRICS], marker="x", color="black", label="FT-L @100")
+    ax.set_xscale("log")
+    ax.set_xlabel("sequential edits per chunk")
+    ax.set_ylabel("teacher-forced token accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"toy world, {MODEL}")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(summary: dict) -> str:
+    rows = [("unedited", "-", summary["unedited"])]
+    rows += [("LiveEdit", n, summary["liveedit"][n]) for n in ("1", "10", "100")]
+    rows += [("FT-L", "100", summary["ft_l"]["100"])]
+    lines = ["| editor | edits | Rel | T-Gen | M-Gen | T-Loc | M-Loc |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {n} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for name, n, m in rows]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    from editors.vllms import load_vllm
+    from editors.vllms.pretrain import ensure_pretrained
+    from utils.data import default_data_paths, load_edit_dataset
+    from utils.toyworld import ensure_toyworld
+
+    start = time.time()
+    os.makedirs(DEMO_DIR, exist_ok=True)
+    print("[1/5] toy world")
+    world = str(ensure_toyworld(os.path.join(args.data_dir, "toyworld")))
+    print(f"[2/5] pretrained {MODEL} (trained once, then reused)")
+    backbone_dir = ensure_pretrained(MODEL, world)
+    with open(os.path.join(backbone_dir, "pretrain_report.json")) as f:
+        print("      unedited accuracy on held-out toy questions:", json.load(f)["eval_accuracy"])
+    checkpoint = train_liveedit(args, backbone_dir)
+    print("[4/5] evaluating")
+    vllm = load_vllm(MODEL, path=backbone_dir)
+    records = load_edit_dataset("TOY", *default_data_paths("TOY", "eval", args.data_dir), limit=args.eval_records)
+    summary = {"unedited": evaluate(vllm, "none", 100, records),
+               "liveedit": {str(n): evaluate(vllm, "liveedit", n, records, checkpoint) for n in (1, 10, 100)},
+               "ft_l": {"100": evaluate(vllm, "ft_l", 100, records)}}
+    summary["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(DEMO_DIR, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(summary, os.path.join(DEMO_DIR, "demo_metrics.png"))
+    print("[5/5] done in", summary["seconds"], "s\n")
+    print(table(summary))
+    print(f"\nwritten: {DEMO_DIR}/summary.json, {DEMO_DIR}/demo_metrics.png, {RESULTS_DIR}/; "
+          f"TensorBoard: tensorboard --logdir records/demo")
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
