@@ -129,24 +129,26 @@ class LiveEdit(TrainableEditor):
         vision, vision_mask = gather_spans(h, batch.vision_spans[rows])
         query, query_mask = gather_spans(h, batch.query_spans[rows])
         ext = self.inpt_extractor
-        visual = ext.extract_vision(query, query_mask, vision, vision_mask)  # [k, e, md]
+        summary = ext.query_summary(query, query_mask)  # [k, e, md], shared by image and prototype
+        visual = ext.read_vision(summary, vision, vision_mask)  # [k, e, md]
         visual_sim = similarity(visual, self.repository.view("vision_keys"), self.sim_scale)  # [k, m]
-        prototype_sim = paired_similarity(visual, ext.extract_from_prototype(query, query_mask), self.sim_scale)
+        prototype_sim = paired_similarity(visual, ext.extract_from_prototype(query, query_mask, summary),
+                                          self.sim_scale)  # [k]
         selected = visual_sim > prototype_sim[:, None]  # [k, m] hard routing
         keep_rows = selected.any(dim=1)  # [k]
         experts = selected.any(dim=0).nonzero().flatten()  # [s]
         if len(experts) == 0:
             return empty, empty, hidden.new_zeros(0, 0)
-        query_sim = similarity(ext.extract_query(query, query_mask)[keep_rows],
-                               self.repository.view("query_keys")[experts], self.sim_scale)  # [k', s]
+        query_sim = similarity(ext.extract_query(query[keep_rows], query_mask[keep_rows]),
+                               self.repository.view("query_keys").index_select(0, experts), self.sim_scale)
         weights = soft_weights(query_sim, selected[keep_rows][:, experts])  # [k', s]
         return rows[keep_rows], experts, weights
 
     def residual(self, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype."""
         dtype = self.instant_reps_norm.weight.dtype
-        up = self.repository.view("up")[experts].to(dtype)  # [s, r, D]
-        down = self.repository.view("down")[experts].to(dtype)
+        up = self.repository.view("up").index_select(0, experts).to(dtype)  # [s, r, D]
+        down = self.repository.view("down").index_select(0, experts).to(dtype)
         x = self.instant_reps_norm(hidden.to(dtype))  # [k, l, D]
         return mixture_residual(x, up, down, weights).to(hidden.dtype)
 

@@ -25,12 +25,13 @@ class Attention(nn.Module):
         self.v_mlp = nn.Linear(key_dim, v_dim)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None):
-        b, lk, h = keys.shape[0], keys.shape[1], self.heads
+        """queries [1 or b, lq, .], keys [1 or b, lk, .]: a batch-1 side is projected once and broadcast."""
+        b, lk, h = max(queries.shape[0], keys.shape[0]), keys.shape[1], self.heads
         q = self.q_mlp(queries).expand(b, -1, -1)  # [b, lq, qk]
         lq = q.shape[1]
-        q = q.view(b, lq, h, -1).transpose(1, 2)  # [b, h, lq, qk/h]
-        k = self.k_mlp(keys).view(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, qk/h]
-        v = self.v_mlp(keys).view(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, v/h]
+        q = q.reshape(b, lq, h, -1).transpose(1, 2)  # [b, h, lq, qk/h]
+        k = self.k_mlp(keys).expand(b, -1, -1).reshape(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, qk/h]
+        v = self.v_mlp(keys).expand(b, -1, -1).reshape(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, v/h]
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [b, h, lq, lk]
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
@@ -59,19 +60,31 @@ class FeatureExtractor(nn.Module):
             if p is not None:
                 nn.init.kaiming_normal_(p)
 
+    def query_summary(self, query, query_mask) -> torch.Tensor:
+        """The prompt read by the first query tokens: query [b, lq, D] -> [b, e, md]."""
+        return self.ca_query_info_ext1(self.eqe1, self.layer_norm1(query), query_mask)  # [b, e, md]
+
+    def read_vision(self, summary, vision, vision_mask=None) -> torch.Tensor:
+        """Image features seen through a prompt summary: vision [b or 1, lv, D] -> [b, e, md]."""
+        return self.ca_vision_info_ext(summary, self.layer_norm1(vision), vision_mask)  # [b, e, md]
+
     def extract_vision(self, query, query_mask, vision, vision_mask=None) -> torch.Tensor:
         """Image summary conditioned on the prompt: query [b, lq, D], vision [b, lv, D] -> [b, e, md]."""
-        q_feat = self.ca_query_info_ext1(self.eqe1, self.layer_norm1(query), query_mask)  # [b, e, md]
-        return self.ca_vision_info_ext(q_feat, self.layer_norm1(vision), vision_mask)  # [b, e, md]
+        return self.read_vision(self.query_summary(query, query_mask), vision, vision_mask)
 
     def extract_query(self, query, query_mask) -> torch.Tensor:
         """Prompt features: query [b, lq, D] -> [b, e, md]."""
         return self.ca_query_info_ext2(self.eqe2, self.layer_norm2(query), query_mask)  # [b, e, md]
 
-    def extract_from_prototype(self, query, query_mask) -> torch.Tensor:
-        """`extract_vision` against the learned prototype instead of an image -> [b, e, md]."""
-        prototype = self.vis_rep_prot.expand(query.shape[0], -1, -1)  # [b, n_img, D]
-        return self.extract_vision(query, query_mask, prototype)
+    def extract_from_prototype(self, query, query_mask, summary=None) -> torch.Tensor:
+        """`extract_vision` against the learned prototype instead of an image -> [b, e, md].
+
+        Pass the `query_summary` already computed for the same query to skip recomputing it; the
+        prototype's projections are computed once and broadcast over the batch.
+        """
+        if summary is None:
+            summary = self.query_summary(query, query_mask)
+        return self.read_vision(summary, self.vis_rep_prot)
 
 
 class ExpertGenerator(nn.Module):

@@ -33,8 +33,9 @@ def mixture_residual(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weig
     x [b, l, D] (already layer-normed), up (U) and down (V) [m, r, D], weights [b, m] -> [b, l, D].
     """
     m, r, d = up.shape
-    act = torch.relu(x @ up.reshape(m * r, d).transpose(0, 1))  # [b, l, m*r]
-    act = act * weights.repeat_interleave(r, dim=1)[:, None, :]  # [b, l, m*r]
+    act = (x @ up.reshape(m * r, d).transpose(0, 1)).relu_()  # [b, l, m*r], in place: the largest tensor
+    scale = weights.repeat_interleave(r, dim=1)[:, None, :]  # [b, 1, m*r]
+    act = act * scale if torch.is_grad_enabled() else act.mul_(scale)  # relu's backward needs act intact
     return act @ down.reshape(m * r, d)  # [b, l, D]
 
 

@@ -195,10 +195,11 @@ def _hard_routing_probs(editor, batch, pairs) -> torch.Tensor:
     va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
     vb, vb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "vision")
-    visual_in = editor.inpt_extractor.extract_vision(qa, qa_mask, va, va_mask)  # [B, e, md]
+    summary = editor.inpt_extractor.query_summary(qa, qa_mask)  # [B, e, md]
+    visual_in = editor.inpt_extractor.read_vision(summary, va, va_mask)  # [B, e, md]
     visual_edit = editor.edit_extractor.extract_vision(qb, qb_mask, vb, vb_mask)  # [B, e, md]
     sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, B]
-    prototype = paired_similarity(visual_in, editor.inpt_extractor.extract_from_prototype(qa, qa_mask),
+    prototype = paired_similarity(visual_in, editor.inpt_extractor.extract_from_prototype(qa, qa_mask, summary),
                                   editor.sim_scale)  # [B]
     return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, B+1]
 
