@@ -120,13 +120,12 @@ def table(summary: dict) -> str:
 def run(args) -> dict:
     from editors.vllms import load_vllm
     from editors.vllms.pretrain import ensure_pretrained
-    from utils.data import default_data_paths, load_edit_dataset
-    from utils.toyworld import ensure_toyworld
+    from utils.data import default_data_paths, ensure_toy_data, load_edit_dataset
 
     start = time.time()
     os.makedirs(DEMO_DIR, exist_ok=True)
     print("[1/5] toy world")
-    world = str(ensure_toyworld(os.path.join(args.data_dir, "toyworld")))
+    world = ensure_toy_data(args.data_dir)
     print(f"[2/5] pretrained {MODEL} (trained once, then reused)")
     backbone_dir = ensure_pretrained(MODEL, world)
     with open(os.path.join(backbone_dir, "pretrain_report.json")) as f:

@@ -19,7 +19,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from utils.errors import UserError  # noqa: E402
-from utils.toyworld import ensure_toyworld  # noqa: E402
 
 TABLE_ROWS = (("Rel", "reliability", None), ("T-Gen", "generality", "text_rephrase"),
               ("M-Gen", "generality", "image_rephrase"), ("T-Loc", "locality", "text_loc"),
@@ -90,11 +89,11 @@ def check_trained(editor_name: str, checkpoint: str | None, allow_untrained: boo
 
 
 def load_records(data_name: str, data_dir: str, limit: int | None):
-    from utils.data import TOY, canonical_dataset_name, default_data_paths, load_edit_dataset
+    from utils.data import TOY, canonical_dataset_name, default_data_paths, ensure_toy_data, load_edit_dataset
 
     name = canonical_dataset_name(data_name)
     if name == TOY:
-        ensure_toyworld(os.path.join(data_dir, "toyworld"))
+        ensure_toy_data(data_dir)
     json_path, image_root = default_data_paths(name, "eval", data_dir)
     return name, load_edit_dataset(name, json_path, image_root, limit=limit)
 

@@ -371,3 +371,20 @@ def _build_record(
 def _portability_samples(raw: dict, image: str) -> list[Sample]:
     """One (request image, port_q, port_a) sample per `port_new` item."""
     return [Sample(item["port_q"], item["port_a"], image) for item in raw[PORTABILITY_FIELD]]
+
+
+def ensure_toy_data(data_dir: str | os.PathLike = "data") -> str:
+    """The toy world under `data_dir/toyworld`, for `-dna TOY` / `-dn TOY`.
+
+    A toy world already there is kept whatever its size (tests and users make small ones); an
+    outdated version is regenerated with the same arguments; a missing one gets the default size.
+    """
+    from utils.toyworld import ensure_toyworld, read_manifest, toyworld_args
+
+    out_dir = os.path.join(data_dir, "toyworld")
+    args = (read_manifest(out_dir) or {}).get("args") or {}
+    try:
+        toyworld_args(**args)
+    except (TypeError, UserError):
+        args = {}
+    return str(ensure_toyworld(out_dir, **args))

@@ -409,28 +409,15 @@ def _load_resume(cfg: TrainRunConfig) -> _Resume | None:
 
 def _load_records(cfg: TrainRunConfig) -> list:
     """The training records (generating the default toy world first for TOY, if none is there)."""
-    from utils.data import canonical_dataset_name, default_data_paths, load_edit_dataset
+    from utils.data import canonical_dataset_name, default_data_paths, ensure_toy_data, load_edit_dataset
 
     name = canonical_dataset_name(cfg.data_name)
     if name == "TOY":
-        _ensure_toy(os.path.join(cfg.data_dir, "toyworld"))
+        ensure_toy_data(cfg.data_dir)
     records = load_edit_dataset(name, *default_data_paths(name, "train", cfg.data_dir), limit=cfg.data_limit)
     if not records:
         raise UserError(f"the {name} training data under {cfg.data_dir} has no records")
     return records
-
-
-def _ensure_toy(out_dir: str) -> None:
-    """Keep a toy world already in `out_dir` (whatever its size); otherwise generate the default one."""
-    from utils.toyworld import ensure_toyworld, read_manifest, toyworld_args
-
-    manifest = read_manifest(out_dir) or {}
-    args = manifest.get("args") or {}
-    try:
-        toyworld_args(**args)
-    except (TypeError, UserError):
-        args = {}
-    ensure_toyworld(out_dir, **args)
 
 
 def _check_resume_fits(cfg: TrainRunConfig, resume: _Resume, num_records: int) -> None:
