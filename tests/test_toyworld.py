@@ -1,4 +1,5 @@
-"""The toy world generator: determinism, MMEdit schema, redraws, text facts, caching."""
+"""The toy world generator: determinism, MMEdit schema, redraws, text facts, caching, and the
+lifelong-editing guarantees (unique edits per split, a disjoint locality pool, tints)."""
 import hashlib
 import json
 import os
@@ -73,17 +74,108 @@ def test_mmedit_schema(world):
     assert manifest["args"] == tw.toyworld_args(**SMALL)
 
 
-def test_redraw_differs_but_keeps_colour(world):
+def test_redraw_differs_but_keeps_colour_and_tint(world):
     out, _ = world
     scenes = _load(out, "scenes.json")
-    for r in _load(out, "eval.json"):
+    for r in _load(out, "eval.json") + _load(out, "train.json"):
         a = np.asarray(Image.open(out / r["image"]))
         b = np.asarray(Image.open(out / r["image_rephrase"]))
         assert not np.array_equal(a, b)
-        colour = scenes[r["image"]]["color"]
-        assert tw.classify_color(Image.open(out / r["image"])) == colour
-        assert tw.classify_color(Image.open(out / r["image_rephrase"])) == colour
+        assert scenes[r["image_rephrase"]] == scenes[r["image"]]  # tint included
+        colour, tint = scenes[r["image"]]["color"], scenes[r["image"]]["tint"]
+        for key in ("image", "image_rephrase"):
+            assert tw.classify_color(Image.open(out / r[key])) == colour
+            assert tw.classify_tint(Image.open(out / r[key])) == tint
         assert tw.classify_color(Image.open(out / r["m_loc"])) == scenes[r["m_loc"]]["color"]
+        assert tw.classify_tint(Image.open(out / r["m_loc"])) == scenes[r["m_loc"]]["tint"]
+
+
+def _qtype(question):
+    return next(t for t, qs in tw.QUESTIONS.items() if question in qs)
+
+
+def _check_split_guarantees(out, split):
+    scenes = _load(out, "scenes.json")
+    records = _load(out, split)
+    stream = {"train.json": tw._STREAM_TRAIN, "eval.json": tw._STREAM_EVAL}[split]
+    seed = tw.read_manifest(out)["args"]["seed"]
+    edit_pool, loc_pool = tw.split_scene_pools(stream, seed)
+    assert set(edit_pool).isdisjoint(loc_pool) and len(edit_pool) + len(loc_pool) == len(tw.all_scenes())
+    pairs = [(tw.Scene(**scenes[r["image"]]), _qtype(r["src"])) for r in records]
+    assert len(set(pairs)) == len(pairs)  # no two edits of the split overlap or contradict
+    edited = {sc for sc, _ in pairs}
+    assert edited <= set(edit_pool)
+    loc_scenes = {tw.Scene(**scenes[r["m_loc"]]) for r in records}
+    assert loc_scenes <= set(loc_pool) and not loc_scenes & edited
+    # Any CHUNK_WINDOW consecutive records differ even ignoring the tint.
+    looks = [(sc.look, qt) for sc, qt in pairs]
+    for i in range(len(looks)):
+        assert looks[i] not in looks[max(0, i - tw.CHUNK_WINDOW + 1):i]
+    return pairs
+
+
+def test_unique_edits_and_disjoint_locality_pool(world):
+    out, _ = world
+    for split in ("train.json", "eval.json"):
+        _check_split_guarantees(out, split)
+
+
+def test_full_size_eval_split_guarantees(tmp_path):
+    """The default eval split (500 records): every guarantee, at full size."""
+    out = tmp_path / "big"
+    tw.generate_toyworld(out, n_train=0, n_eval=500, seed=0, n_pretrain_scenes=0, n_facts=4)
+    pairs = _check_split_guarantees(out, "eval.json")
+    assert len({sc.tint for sc, _ in pairs}) == len(tw.TINTS)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_sizes_keep_look_alike_edits_a_chunk_apart(seed):
+    for stream, n in ((tw._STREAM_TRAIN, 2000), (tw._STREAM_EVAL, 500)):
+        edit_pool, _ = tw.split_scene_pools(stream, seed)
+        sequence = tw._edit_sequence(edit_pool, n, np.random.default_rng([stream, seed]))
+        assert len(set(sequence)) == n and set(sc for sc, _ in sequence) <= set(edit_pool)
+        last_seen = {}
+        for i, (scene, qtype) in enumerate(sequence):
+            key = (scene.look, qtype)
+            assert i - last_seen.get(key, -tw.CHUNK_WINDOW) >= tw.CHUNK_WINDOW
+            last_seen[key] = i
+
+
+def test_scene_pools_and_capacity():
+    scenes = tw.all_scenes()
+    assert len(scenes) == len(set(scenes)) == len(tw.SHAPES) * len(tw.COLORS) * len(tw.COUNT_WORDS) * len(tw.TINTS)
+    for stream in (tw._STREAM_TRAIN, tw._STREAM_EVAL):
+        edit, loc = tw.split_scene_pools(stream, 0)
+        assert (edit, loc) == tw.split_scene_pools(stream, 0)
+        assert len(edit) * len(tw.QUESTION_TYPES) == tw.max_edit_records() >= 2000  # the default n_train
+        assert set(edit) | set(loc) == set(scenes)
+    assert tw.split_scene_pools(tw._STREAM_TRAIN, 0) != tw.split_scene_pools(tw._STREAM_EVAL, 0)
+    for name in ("n_train", "n_eval"):
+        with pytest.raises(UserError, match=name):
+            tw.toyworld_args(**{name: tw.max_edit_records() + 1})
+    tw.toyworld_args(n_train=tw.max_edit_records())
+
+
+def test_tints_light_and_distinct():
+    tints = np.asarray(list(tw.TINTS.values()), dtype=float)
+    assert len(tints) >= 6 and tints.min() >= 180
+    assert ((tints.max(1) - tints.min(1)) / tints.max(1)).max() <= 0.2  # clearly non-saturated
+    gaps = np.linalg.norm(tints[:, None] - tints[None], axis=2) + np.eye(len(tints)) * 1e9
+    assert gaps.min() >= 15
+    colours = np.asarray(list(tw.COLORS.values()), dtype=float)
+    assert np.linalg.norm(tints[:, None] - colours[None], axis=2).min() >= 100
+    assert tw.Scene("circle", "red", 1) == tw.Scene("circle", "red", 1, "grey")  # old callers keep working
+    with pytest.raises(UserError):
+        tw.Scene("circle", "red", 1, "neon")
+
+
+def test_pretraining_covers_every_scene(tmp_path):
+    out = tmp_path / "cover"
+    n = len(tw.all_scenes())
+    tw.generate_toyworld(out, n_train=2, n_eval=2, seed=1, n_pretrain_scenes=n, n_facts=4)
+    scenes = _load(out, "scenes.json")
+    pre = {tw.Scene(**scenes[it["image"]]) for it in _load(out, "pretrain.json") if it["image"]}
+    assert pre == set(tw.all_scenes())  # both pools of both splits
 
 
 def test_pretrain_items(world):
@@ -120,12 +212,16 @@ def test_text_facts_table():
 
 def test_scene_drawing_sizes_and_count():
     rng = np.random.default_rng(0)
+    tints = list(tw.TINTS)
+    looks = sorted({sc.look for sc in tw.all_scenes()})
     for size in (32, 64):
-        for scene in tw.all_scenes():
+        for i, look in enumerate(looks):  # every look, every tint
+            scene = tw.Scene(*look, tints[i % len(tints)])
             for jitter in (False, True):
                 img = tw.draw_scene(scene, size, rng, jitter=jitter)
                 assert img.mode == "RGB" and img.size == (size, size)
                 assert tw.classify_color(img) == scene.color
+                assert tw.classify_tint(img) == scene.tint
     with pytest.raises(UserError):
         tw.Scene("hexagon", "red", 1)
 

@@ -3,8 +3,11 @@
 No real images or weights exist offline, so the tool ships its own world that a tiny
 vision-language model can learn from pixels in minutes on a CPU:
 
-- a scene is (shape, colour, count): 1-3 copies of one big saturated shape on a light grey
-  background, never overlapping (`Scene`, `draw_scene`);
+- a scene is (shape, colour, count, tint): 1-3 copies of one big saturated shape on one of
+  twelve light, barely coloured backgrounds, never overlapping (`Scene`, `draw_scene`). The
+  tint is an identity attribute no question asks about: it multiplies the distinct scenes
+  (4 shapes x 6 colours x 3 counts x 12 tints = 864) so edits and locality probes can be
+  about different scenes;
 - three question types (colour, shape, count), four lower-case paraphrases each, one-word
   answers (`QUESTIONS`, `Scene.answer`);
 - a seeded table of invented text facts ("what is the capital of zorvia" -> "mippel") for text
@@ -12,6 +15,15 @@ vision-language model can learn from pixels in minutes on a CPU:
 - `generate_toyworld` writes PNGs plus `train.json` / `eval.json` in the exact MMEdit schema
   (11 string fields), `pretrain.json` for teaching a backbone the world, `scenes.json` (the
   attributes of every image, for checks) and `manifest.json` (written last);
+- lifelong-editing guarantees, per split (`train.json`, `eval.json` separately): a seeded
+  shuffle partitions the scene space into edit scenes (`EDIT_FRACTION`) and locality scenes;
+  every edit record's (scene, question type) pair is unique in its split, so no two edits of a
+  split overlap or contradict, even when all of them stay applied (lifelong mode); `m_loc`
+  images show locality scenes only, which no record of the split edits. Any `CHUNK_WINDOW`
+  consecutive records also differ in (shape, colour, count, question type), i.e. even ignoring
+  the tint, as far as the pool allows: always at the default sizes (2000 / 500); only a split
+  filled to within a few percent of `max_edit_records()` gets a few exceptions near its end;
+- pretraining images cycle through every scene of both pools, so a backbone knows them all;
 - `ensure_toyworld` generates once into a temporary sibling folder and renames it into place,
   reusing a folder whose manifest matches the arguments.
 
@@ -41,7 +53,7 @@ from PIL import Image, ImageDraw
 
 from utils.errors import UserError
 
-TOYWORLD_VERSION = 1
+TOYWORLD_VERSION = 2
 """Bump whenever the generated content changes, so old folders are regenerated."""
 
 GENERATOR_NAME = "liveedit-toyworld"
@@ -59,7 +71,24 @@ COLORS: dict[str, tuple[int, int, int]] = {
 
 COUNT_WORDS = ("one", "two", "three")
 
-BACKGROUND = (205, 205, 205)
+# Light, clearly non-saturated backgrounds (saturation <= 0.17, every pair >= 18 apart in RGB,
+# every one >= 150 from every object colour). Two lightness levels x six hues.
+TINTS: dict[str, tuple[int, int, int]] = {
+    "grey": (205, 205, 205),
+    "blue-grey": (186, 198, 220),
+    "beige": (220, 208, 184),
+    "green-grey": (188, 210, 190),
+    "rose-grey": (218, 192, 198),
+    "lavender": (206, 190, 224),
+    "pale-grey": (230, 230, 230),
+    "pale-blue": (210, 224, 242),
+    "pale-sand": (240, 232, 206),
+    "pale-mint": (210, 236, 216),
+    "pale-pink": (242, 218, 222),
+    "pale-lilac": (228, 214, 244),
+}
+
+BACKGROUND = TINTS["grey"]  # the default tint (version 1 drew every scene on it)
 
 QUESTION_TYPES = ("color", "shape", "count")
 
@@ -102,8 +131,17 @@ MMEDIT_FIELDS = (
 # Independent random streams: train / eval / pretrain / facts never share draws.
 _STREAM_TRAIN, _STREAM_EVAL, _STREAM_PRETRAIN, _STREAM_FACTS = 1, 2, 3, 4
 
+EDIT_FRACTION = 0.8
+"""Share of the scene space (per split, seeded shuffle) that edit records may show; the rest is
+the split's locality pool (`m_loc` images)."""
+
+CHUNK_WINDOW = 100
+"""Consecutive records that, where the pool allows, never repeat (shape, colour, count, question
+type): an evaluation chunk of up to this many edits holds no two look-alike edits."""
+
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: smooth, deterministic edges
-_SIZE_FRACTION = 0.30  # nominal object size (bounding box side) / image side
+_SIZE_FRACTION = 0.36  # nominal object size (bounding box side) / image side
+_REDRAW_SCALE = (0.9, 1.1)  # a redraw scales each object by a random factor in this range
 _NOISE_STD = 6.0  # pixel noise of a redraw, on the 0-255 scale
 _MIN_IMAGE_SIZE = 24
 
@@ -113,11 +151,15 @@ _MIN_IMAGE_SIZE = 24
 
 @dataclass(frozen=True)
 class Scene:
-    """What an image shows: `count` copies of one `shape` in one `color`."""
+    """What an image shows: `count` copies of one `shape` in one `color` on background `tint`.
+
+    No question asks about the tint; it is part of the scene's identity (redraws keep it).
+    """
 
     shape: str
     color: str
     count: int
+    tint: str = "grey"
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -126,6 +168,8 @@ class Scene:
             raise UserError(f"unknown colour {self.color!r}; choose one of {', '.join(COLORS)}")
         if not 1 <= self.count <= len(COUNT_WORDS):
             raise UserError(f"count must be 1..{len(COUNT_WORDS)}, got {self.count}")
+        if self.tint not in TINTS:
+            raise UserError(f"unknown tint {self.tint!r}; choose one of {', '.join(TINTS)}")
 
     def answer(self, qtype: str) -> str:
         """The true one-word answer to a question of type `qtype` about this scene."""
@@ -137,13 +181,20 @@ class Scene:
             return COUNT_WORDS[self.count - 1]
         raise UserError(f"unknown question type {qtype!r}; choose one of {', '.join(QUESTION_TYPES)}")
 
+    @property
+    def look(self) -> tuple[str, str, int]:
+        """What the questions can tell apart: (shape, colour, count), the tint left out."""
+        return self.shape, self.color, self.count
+
     def as_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "count": self.count}
+        return {"shape": self.shape, "color": self.color, "count": self.count, "tint": self.tint}
 
 
 def all_scenes() -> list[Scene]:
-    """Every attribute combination, in a fixed order (4 shapes x 6 colours x 3 counts = 72)."""
-    return [Scene(s, c, n) for s in SHAPES for c in COLORS for n in range(1, len(COUNT_WORDS) + 1)]
+    """Every attribute combination, in a fixed order (4 shapes x 6 colours x 3 counts x 12 tints
+    = 864)."""
+    return [Scene(s, c, n, t) for s in SHAPES for c in COLORS for n in range(1, len(COUNT_WORDS) + 1)
+            for t in TINTS]
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
@@ -151,7 +202,29 @@ def random_scene(rng: np.random.Generator) -> Scene:
         SHAPES[int(rng.integers(len(SHAPES)))],
         tuple(COLORS)[int(rng.integers(len(COLORS)))],
         int(rng.integers(1, len(COUNT_WORDS) + 1)),
+        tuple(TINTS)[int(rng.integers(len(TINTS)))],
     )
+
+
+def split_scene_pools(split_stream: int, seed: int) -> tuple[list[Scene], list[Scene]]:
+    """(edit scenes, locality scenes) of one split: a seeded shuffle of `all_scenes()`, cut at
+    `EDIT_FRACTION`. The locality pool holds, for every (shape, colour), scenes of every other
+    shape and colour (the shuffle is redrawn until it does), so every record finds an `m_loc`."""
+    scenes = all_scenes()
+    n_edit = int(round(EDIT_FRACTION * len(scenes)))
+    rng = np.random.default_rng([split_stream, seed, 0])
+    while True:
+        order = rng.permutation(len(scenes))
+        edit = [scenes[int(i)] for i in sorted(order[:n_edit])]
+        loc = [scenes[int(i)] for i in sorted(order[n_edit:])]
+        covered = {(s.shape, s.color) for s in loc}
+        if all(any(sh != a and co != b for sh, co in covered) for a in SHAPES for b in COLORS):
+            return edit, loc
+
+
+def max_edit_records() -> int:
+    """The most edit records one split can hold with unique (scene, question type) pairs."""
+    return int(round(EDIT_FRACTION * len(all_scenes()))) * len(QUESTION_TYPES)
 
 
 def _place_boxes(sizes: list[float], canvas: float, rng: np.random.Generator,
@@ -159,7 +232,7 @@ def _place_boxes(sizes: list[float], canvas: float, rng: np.random.Generator,
     """Top-left corners for square boxes of `sizes` inside `canvas`, at least `gap` apart.
 
     Rejection sampling; shrinks nothing, so callers pass sizes that fit (they always do for
-    up to 3 objects of at most 0.36 x the canvas). Deterministic for a given rng state.
+    up to 3 objects of at most 0.40 x the canvas). Deterministic for a given rng state.
     """
     margin = gap
     for _ in range(1000):
@@ -203,7 +276,7 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator, jitter: 
 
     Positions always come from `rng`. `jitter=False` draws objects at the nominal size with
     clean pixels; `jitter=True` (a "redraw", for image_rephrase) scales each object by a
-    random factor in [0.8, 1.2] and adds mild Gaussian pixel noise. Attributes stay obvious.
+    random factor in `_REDRAW_SCALE` and adds mild Gaussian pixel noise. Attributes stay obvious.
     """
     if image_size < _MIN_IMAGE_SIZE:
         raise UserError(f"image_size must be at least {_MIN_IMAGE_SIZE} px, got {image_size}")
@@ -211,11 +284,11 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator, jitter: 
     canvas = image_size * k
     nominal = _SIZE_FRACTION * canvas
     if jitter:
-        sizes = [nominal * float(rng.uniform(0.8, 1.2)) for _ in range(scene.count)]
+        sizes = [nominal * float(rng.uniform(*_REDRAW_SCALE)) for _ in range(scene.count)]
     else:
         sizes = [nominal] * scene.count
     corners = _place_boxes(sizes, canvas, rng, gap=1.5 * k)
-    img = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    img = Image.new("RGB", (canvas, canvas), TINTS[scene.tint])
     draw = ImageDraw.Draw(img)
     fill = COLORS[scene.color]
     for (x, y), s in zip(corners, sizes):
@@ -228,20 +301,35 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator, jitter: 
     return img
 
 
+def _background_distance(arr: np.ndarray) -> np.ndarray:
+    """[n, 3] pixels -> [n] distance to the nearest tint."""
+    tints = np.asarray(list(TINTS.values()), dtype=np.float32)  # [t, 3]
+    return np.linalg.norm(arr[:, None, :] - tints[None], axis=2).min(axis=1)
+
+
 def classify_color(image: Image.Image) -> str | None:
     """The palette colour nearest to the median non-background pixel (None if all background).
 
     A crude check that an image shows the colour it should; used by tests and sanity scripts.
     """
     arr = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)  # [h*w, 3]
-    dist_bg = np.linalg.norm(arr - np.asarray(BACKGROUND, dtype=np.float32), axis=1)
-    fg = arr[dist_bg > 60.0]
+    fg = arr[_background_distance(arr) > 60.0]
     if len(fg) == 0:
         return None
     med = np.median(fg, axis=0)
     names = list(COLORS)
     pal = np.asarray([COLORS[n] for n in names], dtype=np.float32)
     return names[int(np.argmin(np.linalg.norm(pal - med, axis=1)))]
+
+
+def classify_tint(image: Image.Image) -> str:
+    """The tint nearest to the mean background pixel (pixels near some tint), for checks."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)  # [h*w, 3]
+    bg = arr[_background_distance(arr) < 30.0]
+    mean = bg.mean(axis=0) if len(bg) else arr.mean(axis=0)
+    names = list(TINTS)
+    pal = np.asarray([TINTS[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(np.linalg.norm(pal - mean, axis=1)))]
 
 
 # --------------------------------------------------------------------------- prompts
@@ -335,6 +423,12 @@ def _check_args(n_train: int, n_eval: int, image_size: int, seed: int, n_pretrai
     for name, val in (("n_train", n_train), ("n_eval", n_eval), ("n_pretrain_scenes", n_pretrain_scenes)):
         if not isinstance(val, int) or val < 0:
             raise UserError(f"--{name} must be a non-negative integer, got {val!r}")
+    for name, val in (("n_train", n_train), ("n_eval", n_eval)):
+        if val > max_edit_records():
+            raise UserError(
+                f"--{name} {val} is too large for the toy world: a split holds at most {max_edit_records()} "
+                f"edit records with distinct (scene, question type) pairs ({len(all_scenes())} scenes, "
+                f"{EDIT_FRACTION:.0%} of them editable, {len(QUESTION_TYPES)} question types)")
     if not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
         raise UserError(f"--image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -359,24 +453,45 @@ def _pick(rng: np.random.Generator, options) -> object:
     return options[int(rng.integers(len(options)))]
 
 
+def _edit_sequence(edit_pool: list[Scene], n: int, rng: np.random.Generator) -> list[tuple[Scene, str]]:
+    """`n` distinct (scene, question type) pairs of `edit_pool`, in a seeded random order where
+    each pair differs in (shape, colour, count, question type) from the `CHUNK_WINDOW` - 1 before
+    it whenever an unused pair allows it (greedy: the first such pair of a shuffled list)."""
+    pairs = [(sc, qt) for sc in edit_pool for qt in QUESTION_TYPES]
+    remaining = [pairs[int(j)] for j in rng.permutation(len(pairs))]
+    recent: list[tuple] = []  # looks + question types of the last CHUNK_WINDOW - 1 pairs
+    sequence = []
+    for _ in range(n):
+        k = next((k for k, (sc, qt) in enumerate(remaining) if (sc.look, qt) not in recent), 0)
+        scene, qtype = remaining.pop(k)
+        recent = (recent + [(scene.look, qtype)])[-(CHUNK_WINDOW - 1):]
+        sequence.append((scene, qtype))
+    return sequence
+
+
 def _make_split(split: str, n: int, stream: int, seed: int, image_size: int, out_dir: Path,
                 facts: list[TextFact], scenes_meta: dict, hashes: set) -> list[dict]:
-    """Write the images of one split and return its MMEdit records."""
+    """Write the images of one split and return its MMEdit records.
+
+    The (scene, question type) pairs come without replacement from the split's edit pool, in an
+    order where `CHUNK_WINDOW` consecutive records differ in (shape, colour, count, question
+    type) whenever an unused pair allows it; `m_loc` scenes come from the split's locality pool.
+    """
+    edit_pool, loc_pool = split_scene_pools(stream, seed)
     rng = np.random.default_rng([stream, seed])
+    sequence = _edit_sequence(edit_pool, n, rng)
+    loc_by_look: dict[tuple[str, str], list[Scene]] = {}
+    for sc in loc_pool:
+        loc_by_look.setdefault((sc.shape, sc.color), []).append(sc)
     records = []
-    for i in range(n):
-        scene = random_scene(rng)
-        qtype = _pick(rng, QUESTION_TYPES)
+    for i, (scene, qtype) in enumerate(sequence):
         src_i, reph_i = (int(j) for j in rng.choice(len(QUESTIONS[qtype]), size=2, replace=False))
         pred = scene.answer(qtype)
         alt = _pick(rng, [a for a in ANSWERS[qtype] if a != pred])
-        # Multimodal locality: another scene, different in both shape and colour, asked a
-        # question of another type.
-        m_scene = Scene(
-            _pick(rng, [s for s in SHAPES if s != scene.shape]),
-            _pick(rng, [c for c in COLORS if c != scene.color]),
-            int(rng.integers(1, len(COUNT_WORDS) + 1)),
-        )
+        # Multimodal locality: a scene of the locality pool (never edited in this split),
+        # different in both shape and colour, asked a question of another type.
+        m_scene = _pick(rng, [sc for (sh, co), scs in loc_by_look.items()
+                              if sh != scene.shape and co != scene.color for sc in scs])
         m_qtype = _pick(rng, [t for t in QUESTION_TYPES if t != qtype])
         m_q = _pick(rng, QUESTIONS[m_qtype])
         fact = _pick(rng, facts)
@@ -409,8 +524,9 @@ def _make_pretrain(n_scenes: int, seed: int, image_size: int, out_dir: Path, fac
                    scenes_meta: dict, forbidden: set) -> list[dict]:
     """Pretraining items: each scene drawn twice (clean + redraw), every question type x
     paraphrase asked of both draws, then every text fact once. Scenes cycle through all
-    attribute combinations in shuffled rounds so every combination is equally covered. No
-    image is pixel-identical to a train/eval image (`forbidden` holds their hashes)."""
+    attribute combinations (tints included, so the edit and locality pools of both splits) in
+    shuffled rounds, so every scene is equally covered once `n_scenes` >= 864. No image is
+    pixel-identical to a train/eval image (`forbidden` holds their hashes)."""
     rng = np.random.default_rng([_STREAM_PRETRAIN, seed])
     combos = all_scenes()
     items: list[dict] = []
@@ -485,6 +601,10 @@ def generate_toyworld(out_dir, n_train: int = 2000, n_eval: int = 500, image_siz
             "shapes": list(SHAPES),
             "colors": list(COLORS),
             "counts": list(COUNT_WORDS),
+            "tints": {k: list(v) for k, v in TINTS.items()},
+            "scenes": len(all_scenes()),
+            "edit_fraction": EDIT_FRACTION,
+            "chunk_window": CHUNK_WINDOW,
             "questions": {k: list(v) for k, v in QUESTIONS.items()},
             "vqa_suffix": VQA_SUFFIX,
             "text_loc_suffix": TEXT_LOC_SUFFIX,

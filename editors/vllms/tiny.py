@@ -35,12 +35,16 @@ class TinySpec:
     num_query_tokens: int = 8     # BLIP-2 / MiniGPT-4 image tokens (LLaVA: one per patch)
     vocab_size: int = 1024
     seed: int = 0
+    vision_init_std: float = 0.02  # vision encoder init std (all of it for BLIP-2 / MiniGPT-4, embeddings for CLIP)
 
 
 def _vision(spec: TinySpec) -> dict:
+    # `initializer_range` matters: Blip2VisionConfig defaults to 1e-10 (meant for loading weights),
+    # which leaves a randomly initialised vision encoder all but dead.
     return dict(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
                 num_hidden_layers=spec.vision_layers, num_attention_heads=spec.num_heads,
-                image_size=spec.image_size, patch_size=spec.patch_size)
+                image_size=spec.image_size, patch_size=spec.patch_size,
+                initializer_range=spec.vision_init_std)
 
 
 def _qformer(spec: TinySpec) -> dict:
@@ -79,7 +83,10 @@ def build_tiny(name: str, spec: TinySpec | None = None, device="cpu"):
                                                word_embed_proj_dim=spec.hidden_size, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
                               num_query_tokens=spec.num_query_tokens, image_token_index=tok.unk_token_id)
-            vllm = BLIP2(Blip2ForConditionalGeneration(cfg), tok, _blip_processor(spec), name=name)
+            model = Blip2ForConditionalGeneration(cfg)
+            # transformers zero-initialises the query tokens: identical queries stay identical forever.
+            torch.nn.init.normal_(model.query_tokens, std=0.02)
+            vllm = BLIP2(model, tok, _blip_processor(spec), name=name)
         elif name == "tiny-llava":
             cfg = LlavaConfig(vision_config=dict(model_type="clip_vision_model", projection_dim=spec.hidden_size,
                                                  **_vision(spec)),
