@@ -7,13 +7,15 @@ the image when placeholders are missing), and check the feature count on every b
 from __future__ import annotations
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+from transformers import Blip2ForConditionalGeneration
 
-from .base import VLLM
+from .hf_folder import HFFolderVLLM
 from .stack import stack_for
 
 
-class BLIP2(VLLM):
+class BLIP2(HFFolderVLLM):
+    hf_class = Blip2ForConditionalGeneration
+    default_name = "blip2-opt-2.7b"
     family = "blip2"
     image_after_bos = False
     image_text_prefix = ""
@@ -25,14 +27,3 @@ class BLIP2(VLLM):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, 32, d]
-
-    def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
-
-    @classmethod
-    def from_directory(cls, path: str, device="cpu", dtype=None, name="blip2-opt-2.7b") -> "BLIP2":
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(path),
-                   AutoImageProcessor.from_pretrained(path), name=name)

@@ -6,13 +6,15 @@ template. Features come from `vision_feature_layer` with the CLS token dropped (
 from __future__ import annotations
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from .base import VLLM
+from .hf_folder import HFFolderVLLM
 from .stack import stack_for
 
 
-class LLaVA(VLLM):
+class LLaVA(HFFolderVLLM):
+    hf_class = LlavaForConditionalGeneration
+    default_name = "llava-v1.5-7b"
     family = "llava"
     image_after_bos = True
     image_text_prefix = "\n"
@@ -32,14 +34,3 @@ class LLaVA(VLLM):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True)
         feats = out.pooler_output
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [n, 576, d]
-
-    def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
-
-    @classmethod
-    def from_directory(cls, path: str, device="cpu", dtype=None, name="llava-v1.5-7b") -> "LLaVA":
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(path),
-                   AutoImageProcessor.from_pretrained(path), name=name)
