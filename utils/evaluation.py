@@ -153,14 +153,20 @@ def split_into_chunks(records: Sequence[EditRecord], edit_n: int) -> list[list[i
 
 # ---- pre-edit predictions and scoring ------------------------------------------------------------
 
-def predict_before_edit(vllm, items: list[Item], cfg: EvalConfig) -> dict[str, dict]:
-    """Locality reference of each item on the current (unedited) model: ids, text, generation."""
+def _predict(vllm, items: list[Item], cfg: EvalConfig, stage: str):
+    """Teacher-forced predictions of `items` and, with exact match on, their greedy generations."""
     samples = [it.sample for it in items]
-    tf = teacher_forced(vllm, samples, cfg.batch_size, "preparing", cfg.show_progress)
+    tf = teacher_forced(vllm, samples, cfg.batch_size, stage, cfg.show_progress)
     generated = [None] * len(items)
     if cfg.exact_match:
         generated = generate_answers(vllm, samples, [len(x) for x in tf.labels], cfg.batch_size,
-                                     "preparing (generate)", cfg.show_progress)
+                                     f"{stage} (generate)", cfg.show_progress)
+    return tf, generated
+
+
+def predict_before_edit(vllm, items: list[Item], cfg: EvalConfig) -> dict[str, dict]:
+    """Locality reference of each item on the current (unedited) model: ids, text, generation."""
+    tf, generated = _predict(vllm, items, cfg, "preparing")
     return {it.key: {"ids": ids, "text": decode(vllm, ids), "generated": gen}
             for it, ids, gen in zip(items, tf.predicted, generated)}
 
@@ -169,12 +175,7 @@ def score_records(vllm, records: Sequence[EditRecord], positions: Sequence[int],
                   edit_times: dict[str, float] | None, cfg: EvalConfig) -> list[dict]:
     """Per-record results (spec §9.4 layout) of the records at `positions`, edits in place."""
     items = record_items(records, positions)
-    samples = [it.sample for it in items]
-    tf = teacher_forced(vllm, samples, cfg.batch_size, "scoring", cfg.show_progress)
-    generated = [None] * len(items)
-    if cfg.exact_match:
-        generated = generate_answers(vllm, samples, [len(x) for x in tf.labels], cfg.batch_size,
-                                     "scoring (generate)", cfg.show_progress)
+    tf, generated = _predict(vllm, items, cfg, "scoring")
     by_record: dict[int, dict] = {pos: {} for pos in positions}
     for it, ids, labels, gen in zip(items, tf.predicted, tf.labels, generated):
         result = _item_result(vllm, it, ids, labels, gen, pre, edit_times, cfg.exact_match)
