@@ -392,11 +392,10 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_end_to_end_on_toy_with_ft_l(tmp_path, monkeypatch, capsys):
-    from utils.toyworld import ensure_toyworld
+    from utils.toyworld import generate_toyworld
 
     module = cli()
-    monkeypatch.setattr(module, "ensure_toyworld",
-                        lambda out: ensure_toyworld(out, n_train=2, n_eval=5, n_pretrain_scenes=2))
+    generate_toyworld(str(tmp_path / "data" / "toyworld"), n_train=2, n_eval=5, n_pretrain_scenes=2)  # kept as is
     rc = module.main(["-en", "FT_L", "-mn", "tiny-llava", "-sen", "3", "-dn", "toy", "--data_dir",
                       str(tmp_path / "data"), "--results_dir", str(tmp_path / "res"), "--no_progress",
                       "--eval_batch_size", "8"])

@@ -82,8 +82,8 @@ class PretrainConfig:
 
 
 PRETRAIN_OVERRIDES: dict[str, dict] = {}
-"""Per-backbone changes to the `PretrainConfig` defaults (`config_for`); `spec` entries are dicts
-of `TinySpec` fields."""
+"""Per-backbone changes to the `PretrainConfig` defaults (`config_for`, used by `ensure_pretrained`);
+`spec` entries are dicts of `TinySpec` fields. Empty: the defaults suit all three backbones."""
 
 
 def config_for(name: str, **changes) -> PretrainConfig:
@@ -115,7 +115,7 @@ def cache_key(name: str, world_manifest: dict, cfg: PretrainConfig) -> str:
 class _World:
     """`pretrain.json` grouped for sampling: per image, its questions by type; the text facts."""
 
-    images: list[str]                              # absolute image paths
+    images: list[str]                              # image paths (world_dir joined)
     questions: list[dict[str, list[tuple[str, str]]]]  # per image: qtype -> [(prompt, target)]
     text: list[tuple[str, str]]                    # (prompt, target) of the text facts
 
