@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.records import EditRecord, Sample
-from .routing import gather_spans, mixture_residual, paired_similarity, similarity
+from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
 
 REL, GEN, LOC = "rel", "gen", "loc"
 
@@ -131,15 +131,9 @@ def _module_dtype(editor):
     return editor.instant_reps_norm.weight.dtype
 
 
-def _query(editor, group: SampleGroup, rows=None):
-    hidden, spans = group.hidden, group.batch.query_spans
-    if rows is not None:
-        hidden, spans = hidden[rows], spans[rows]
-    return gather_spans(hidden.to(_module_dtype(editor)), spans)
-
-
-def _vision(editor, group: SampleGroup, rows=None):
-    hidden, spans = group.hidden, group.batch.vision_spans
+def _span_reps(editor, group: SampleGroup, part: str, rows=None):
+    """The `part` ("query" | "vision") representations of a group's samples (optionally some rows)."""
+    hidden, spans = group.hidden, getattr(group.batch, f"{part}_spans")
     if rows is not None:
         hidden, spans = hidden[rows], spans[rows]
     return gather_spans(hidden.to(_module_dtype(editor)), spans)
@@ -147,9 +141,9 @@ def _vision(editor, group: SampleGroup, rows=None):
 
 def _edited_logits(editor, group: SampleGroup, query_keys, up, down, mask) -> torch.Tensor:
     """Logits on the label positions after adding the soft-weighted residual of the masked experts."""
-    query, query_mask = _query(editor, group)
+    query, query_mask = _span_reps(editor, group, "query")
     sim = similarity(editor.inpt_extractor.extract_query(query, query_mask), query_keys, editor.sim_scale)  # [B, C]
-    weights = torch.softmax(sim.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) * torch.sigmoid(sim) * mask
+    weights = soft_weights(sim, mask)  # [B, C]
     hidden = group.hidden.to(_module_dtype(editor))
     residual = mixture_residual(editor.instant_reps_norm(hidden), up, down, weights)  # [B, l, D]
     edited = (hidden + residual).to(group.hidden.dtype)
@@ -182,7 +176,7 @@ def _group_of(batch: LiveEditTrainBatch, key: tuple[str, str]) -> SampleGroup:
 
 def _stack_rows(editor, batch, keys, part):
     """Gather, for record j, the `part` ("query" | "vision") reps of the sample named keys[j]."""
-    pieces = [(part == "query" and _query or _vision)(editor, _group_of(batch, key), [j]) for j, key in enumerate(keys)]
+    pieces = [_span_reps(editor, _group_of(batch, key), part, [j]) for j, key in enumerate(keys)]
     width = max(p[0].shape[1] for p in pieces)
     reps = torch.cat([F.pad(p[0], (0, 0, 0, width - p[0].shape[1])) for p in pieces])  # [B, n, D]
     mask = torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])  # [B, n]

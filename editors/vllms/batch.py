@@ -37,11 +37,6 @@ class VLLMBatch:
     def to(self, device) -> "VLLMBatch":
         return VLLMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def select(self, rows) -> "VLLMBatch":
-        """Rows `rows` (list or tensor of indices) as a new batch, with padding columns kept."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.inputs_embeds.device)
-        return VLLMBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip padding on either side: 0, 1, 2, ... over the real tokens."""
