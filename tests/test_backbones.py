@@ -41,6 +41,21 @@ def test_vision_span_holds_the_projected_image_features(vllm):
 
 
 @torch.no_grad()
+def test_rows_of_a_batch_equal_the_batch_of_those_rows(vllm):
+    """LiveEdit training prepares all samples of a step as one batch and splits it with `rows`."""
+    images = [make_image(1), make_image(2), None]
+    whole = vllm.prepare(PROMPTS, images, TARGETS)
+    for start, end in ((0, 2), (1, 3), (2, 3)):
+        alone = vllm.prepare(PROMPTS[start:end], images[start:end], TARGETS[start:end])
+        part = whole.rows(start, end)
+        assert part.length == alone.length  # trailing all-padding columns are dropped
+        for name in ("attention_mask", "position_ids", "token_ids", "vision_spans", "query_spans",
+                     "target_spans", "labels", "label_mask", "has_image"):
+            assert torch.equal(getattr(part, name), getattr(alone, name)), name
+        assert torch.allclose(part.inputs_embeds, alone.inputs_embeds, atol=1e-6)
+
+
+@torch.no_grad()
 def test_labels_select_exactly_the_target_tokens(vllm):
     batch = mixed_batch(vllm)
     tok = vllm.tokenizer

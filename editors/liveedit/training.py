@@ -1,8 +1,8 @@
 """LiveEdit training (spec §6.7-6.9): batch preparation and the paper's losses.
 
 The backbone is frozen, so everything that depends only on it is computed once per sample per
-step, in `prepare_training_batch` (no gradient, may run in the trainer's prefetch thread):
-the layer-l_e output of each reliability / generality / locality sample (the reliability forward
+step, in `prepare_training_batch` (no gradient, may run in the trainer's prefetch thread; all
+samples of a step go through the backbone as one batch): the layer-l_e output of each reliability / generality / locality sample (the reliability forward
 doubles as the edit signal) and the locality samples' pre-edit log-probabilities on their label
 positions. A step then runs only layers l_e+1..L on h + residual — the correct layer semantics,
 not the reference code's double application of layer l_e (spec §6.11).
@@ -48,6 +48,7 @@ class LiveEditTrainBatch:
     # per record j, the (kind, type) of items A_j and B_j: kind in rel | gen | loc
     neighbour_pairs: list[tuple[tuple[str, str], tuple[str, str]]]  # soft routing and L_neib
     prototype_pairs: list[tuple[tuple[str, str], tuple[str, str]]]
+    everything: SampleGroup          # all groups' rows in one batch: rel, gen types, loc types, B rows each
 
 
 def make_optimizer(editor):
@@ -61,15 +62,23 @@ def make_optimizer(editor):
     return optimizer, scheduler
 
 
-def _group(editor, samples: list[Sample], with_pre_logprobs: bool = False) -> SampleGroup:
-    vllm = editor.vllm
-    batch = vllm.prepare([s.prompt for s in samples], [s.image for s in samples], [s.target for s in samples])
-    hidden = editor.edit_layer_output(batch)  # [B, l, D]
-    pre = None
-    if with_pre_logprobs:
-        pre = vllm.logits_from_layer(batch, hidden, editor.config.edit_layer_i,
-                                     positions=batch.label_mask).float().log_softmax(-1)  # [n, V]
-    return SampleGroup(batch, hidden, pre)
+def _groups(editor, samples: dict[tuple[str, str], list[Sample]]):
+    """Every sample group of a step through the backbone as ONE batch (one image encoding, one pass to
+    l_e), then split back into groups; locality groups also get their pre-edit log-probabilities."""
+    vllm, flat = editor.vllm, [s for group in samples.values() for s in group]
+    batch = vllm.prepare([s.prompt for s in flat], [s.image for s in flat], [s.target for s in flat])
+    hidden = editor.edit_layer_output(batch)  # [N, l, D], N = all samples of the step
+    groups, start = {}, 0
+    for key, group in samples.items():
+        sub = batch.rows(start, start + len(group))
+        sub_hidden = hidden[start:start + len(group), :sub.length]  # [B, l_group, D]
+        start += len(group)
+        pre = None
+        if key[0] == LOC:
+            pre = vllm.logits_from_layer(sub, sub_hidden, editor.config.edit_layer_i,
+                                         positions=sub.label_mask).float().log_softmax(-1)  # [n, V]
+        groups[key] = SampleGroup(sub, sub_hidden, pre)
+    return groups, SampleGroup(batch, hidden)
 
 
 def _prefix_masks(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,18 +120,22 @@ def _pairs(rng, size, gen_types, loc_types):
 @torch.no_grad()
 def prepare_training_batch(editor, records: list[EditRecord], rng: np.random.Generator) -> LiveEditTrainBatch:
     """Features of one batch of records; the random choices come from `rng` only (resumable)."""
-    rel = _group(editor, [r.requests[int(rng.integers(len(r.requests)))] for r in records])
     gen_types = [t for t, items in records[0].generality.items() if items]
     loc_types = [t for t, items in records[0].locality.items() if items and items[0].image is not None]
-    gen = {t: _group(editor, [r.generality[t][int(rng.integers(len(r.generality[t])))] for r in records])
-           for t in gen_types}
-    loc = {t: _group(editor, [r.locality[t][int(rng.integers(len(r.locality[t])))] for r in records],
-                     with_pre_logprobs=True) for t in loc_types}
+    samples = {(REL, ""): [r.requests[int(rng.integers(len(r.requests)))] for r in records]}
+    samples.update({(GEN, t): [r.generality[t][int(rng.integers(len(r.generality[t])))] for r in records]
+                    for t in gen_types})
+    samples.update({(LOC, t): [r.locality[t][int(rng.integers(len(r.locality[t])))] for r in records]
+                    for t in loc_types})
+    groups, everything = _groups(editor, samples)
+    rel = groups[(REL, "")]
+    gen = {t: groups[(GEN, t)] for t in gen_types}
+    loc = {t: groups[(LOC, t)] for t in loc_types}
     rel_mask, gen_mask, loc_mask = _prefix_masks(rng, len(records))
     neighbour, prototype = _pairs(rng, len(records), gen_types, loc_types)
     device = editor.vllm.device
     return LiveEditTrainBatch(rel, gen, loc, rel_mask.to(device), gen_mask.to(device), loc_mask.to(device),
-                              neighbour, prototype)
+                              neighbour, prototype, everything)
 
 
 # ---- the step -------------------------------------------------------------------------------------------
@@ -169,18 +182,13 @@ def _kl_post_pre(logits, group) -> torch.Tensor:
     return _per_sample_mean(kl, group.batch.label_mask)
 
 
-def _group_of(batch: LiveEditTrainBatch, key: tuple[str, str]) -> SampleGroup:
-    kind, name = key
-    return batch.rel if kind == REL else (batch.gen if kind == GEN else batch.loc)[name]
-
-
 def _stack_rows(editor, batch, keys, part):
-    """Gather, for record j, the `part` ("query" | "vision") reps of the sample named keys[j]."""
-    pieces = [_span_reps(editor, _group_of(batch, key), part, [j]) for j, key in enumerate(keys)]
-    width = max(p[0].shape[1] for p in pieces)
-    reps = torch.cat([F.pad(p[0], (0, 0, 0, width - p[0].shape[1])) for p in pieces])  # [B, n, D]
-    mask = torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])  # [B, n]
-    return reps, mask
+    """For record j, the `part` ("query" | "vision") reps of the sample named keys[j]: one gather over
+    `batch.everything`, whose rows are the groups in order (rel, gen types, loc types), B rows each."""
+    order = [(REL, "")] + [(GEN, t) for t in batch.gen] + [(LOC, t) for t in batch.loc]
+    rows = torch.tensor([order.index(key) * len(keys) + j for j, key in enumerate(keys)],
+                        device=batch.everything.hidden.device)
+    return _span_reps(editor, batch.everything, part, rows)  # [B, n, D], [B, n]
 
 
 def _hard_routing_probs(editor, batch, pairs) -> torch.Tensor:
@@ -206,15 +214,23 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
     keys = editor.make_edit_keys(batch.rel.hidden, batch.rel.batch)
     query_keys, up, down = keys["query_keys"], keys["up"], keys["down"]  # [C, e, md], [C, r, D] x2
 
-    rel_loss = _nll(_edited_logits(editor, batch.rel, query_keys, up, down, batch.rel_mask), batch.rel)
+    # one pass of layers l_e+1..L over every sample of the step, each row with its own expert mask
+    masks = torch.cat([batch.rel_mask] + [batch.gen_mask] * len(batch.gen) + [batch.loc_mask] * len(batch.loc))
+    logits = _edited_logits(editor, batch.everything, query_keys, up, down, masks)  # [n_all, V]
+    label_mask = batch.everything.batch.label_mask  # [N, l], N = groups x B rows
+    tokens_per_group = label_mask.sum(1).view(-1, batch.rel_mask.shape[0]).sum(1).tolist()
+    logits_rel, *logits_rest = logits.split(tokens_per_group)
+    logits_gen, logits_loc = logits_rest[:len(batch.gen)], logits_rest[len(batch.gen):]
+
+    rel_loss = _nll(logits_rel, batch.rel)
     gen_loss = rel_loss.new_zeros(())
-    for name, group in batch.gen.items():
-        term = _nll(_edited_logits(editor, group, query_keys, up, down, batch.gen_mask), group)
+    for (name, group), group_logits in zip(batch.gen.items(), logits_gen):
+        term = _nll(group_logits, group)
         logs[f"Generality loss {name}"] = term.item()
         gen_loss = gen_loss + term
     loc_loss = rel_loss.new_zeros(())
-    for name, group in batch.loc.items():
-        term = _kl_post_pre(_edited_logits(editor, group, query_keys, up, down, batch.loc_mask), group)
+    for (name, group), group_logits in zip(batch.loc.items(), logits_loc):
+        term = _kl_post_pre(group_logits, group)
         logs[f"Locality loss {name}"] = term.item()
         loc_loss = loc_loss + term
 

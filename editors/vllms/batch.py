@@ -37,6 +37,14 @@ class VLLMBatch:
     def to(self, device) -> "VLLMBatch":
         return VLLMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def rows(self, start: int, end: int) -> "VLLMBatch":
+        """Rows start..end-1 as a batch; trailing columns that are padding in all of them are dropped."""
+        mask = self.attention_mask[start:end]  # [n, l]
+        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else self.length
+        per_position = ("inputs_embeds", "attention_mask", "position_ids", "token_ids", "labels", "label_mask")
+        return VLLMBatch(**{f.name: getattr(self, f.name)[start:end, :length] if f.name in per_position
+                            else getattr(self, f.name)[start:end] for f in fields(self)})
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip padding on either side: 0, 1, 2, ... over the real tokens."""
