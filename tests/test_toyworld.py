@@ -111,6 +111,10 @@ def _check_split_guarantees(out, split):
     looks = [(sc.look, qt) for sc, qt in pairs]
     for i in range(len(looks)):
         assert looks[i] not in looks[max(0, i - tw.CHUNK_WINDOW + 1):i]
+    # No m_loc probe is a look-alike of a nearby edit asked that edit's question type.
+    for i, r in enumerate(records):
+        probe = (tw.Scene(**scenes[r["m_loc"]]).look, _qtype(r["m_loc_q"]))
+        assert probe not in looks[max(0, i - tw.CHUNK_WINDOW + 1):i + tw.CHUNK_WINDOW]
     return pairs
 
 

@@ -19,7 +19,10 @@ vision-language model can learn from pixels in minutes on a CPU:
   shuffle partitions the scene space into edit scenes (`EDIT_FRACTION`) and locality scenes;
   every edit record's (scene, question type) pair is unique in its split, so no two edits of a
   split overlap or contradict, even when all of them stay applied (lifelong mode); `m_loc`
-  images show locality scenes only, which no record of the split edits. Any `CHUNK_WINDOW`
+  images show locality scenes only, which no record of the split edits, and an `m_loc` probe is
+  never a look-alike (same shape, colour and count) of an edit within `CHUNK_WINDOW` records asked
+  that edit's question type (it would be an image rephrase of the edit but for the background
+  tint, which the edit should change, not keep). Any `CHUNK_WINDOW`
   consecutive records also differ in (shape, colour, count, question type), i.e. even ignoring
   the tint, as far as the pool allows: always at the default sizes (2000 / 500); only a split
   filled to within a few percent of `max_edit_records()` gets a few exceptions near its end;
@@ -53,7 +56,7 @@ from PIL import Image, ImageDraw
 
 from utils.errors import UserError
 
-TOYWORLD_VERSION = 2
+TOYWORLD_VERSION = 3
 """Bump whenever the generated content changes, so old folders are regenerated."""
 
 GENERATOR_NAME = "liveedit-toyworld"
@@ -475,7 +478,8 @@ def _make_split(split: str, n: int, stream: int, seed: int, image_size: int, out
 
     The (scene, question type) pairs come without replacement from the split's edit pool, in an
     order where `CHUNK_WINDOW` consecutive records differ in (shape, colour, count, question
-    type) whenever an unused pair allows it; `m_loc` scenes come from the split's locality pool.
+    type) whenever an unused pair allows it; `m_loc` scenes come from the split's locality pool
+    and avoid the looks and question types of the edits around them.
     """
     edit_pool, loc_pool = split_scene_pools(stream, seed)
     rng = np.random.default_rng([stream, seed])
@@ -489,10 +493,13 @@ def _make_split(split: str, n: int, stream: int, seed: int, image_size: int, out
         pred = scene.answer(qtype)
         alt = _pick(rng, [a for a in ANSWERS[qtype] if a != pred])
         # Multimodal locality: a scene of the locality pool (never edited in this split),
-        # different in both shape and colour, asked a question of another type.
-        m_scene = _pick(rng, [sc for (sh, co), scs in loc_by_look.items()
-                              if sh != scene.shape and co != scene.color for sc in scs])
-        m_qtype = _pick(rng, [t for t in QUESTION_TYPES if t != qtype])
+        # different in both shape and colour, asked a question of another type; and never a
+        # look-alike of an edit of the surrounding chunk window asked that edit's question type
+        # (that probe would be the edit's image rephrase in all but the background tint).
+        window = {(sc.look, qt) for sc, qt in sequence[max(0, i - CHUNK_WINDOW + 1):i + CHUNK_WINDOW]}
+        options = [(sc, t) for (sh, co), scs in loc_by_look.items() if sh != scene.shape and co != scene.color
+                   for sc in scs for t in QUESTION_TYPES if t != qtype]
+        m_scene, m_qtype = _pick(rng, [o for o in options if (o[0].look, o[1]) not in window] or options)
         m_q = _pick(rng, QUESTIONS[m_qtype])
         fact = _pick(rng, facts)
 
