@@ -32,7 +32,7 @@ METRICS = {"rel": ("reliability",), "t_gen": ("generality", "text_rephrase"),
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_steps", type=int, default=4000, help="LiveEdit training steps (default 4000)")
+    p.add_argument("--train_steps", type=int, default=6000, help="LiveEdit training steps (default 6000)")
     p.add_argument("--batch_size", type=int, default=8, help="LiveEdit training batch size (default 8)")
     p.add_argument("--eval_records", type=int, default=200, help="toy eval records to edit (default 200)")
     p.add_argument("--data_dir", default="data", help="where the toy world goes (default data/)")
