@@ -45,10 +45,12 @@ def train_liveedit(args, backbone_dir: str) -> str:
     from utils.training import TrainRunConfig, run_training
 
     pointer = os.path.join(DEMO_DIR, "liveedit_checkpoint.json")
+    wanted = {"train_steps": args.train_steps, "batch_size": args.batch_size, "seed": args.seed,
+              "backbone": backbone_dir}
     if os.path.isfile(pointer):
         with open(pointer) as f:
             saved = json.load(f)
-        if saved["train_steps"] == args.train_steps and os.path.isdir(saved["checkpoint"]):
+        if all(saved.get(k) == v for k, v in wanted.items()) and os.path.isdir(saved["checkpoint"]):
             print(f"[3/5] LiveEdit already trained: {saved['checkpoint']}")
             return saved["checkpoint"]
     print(f"[3/5] training LiveEdit on {MODEL} for {args.train_steps} steps")
@@ -57,12 +59,12 @@ def train_liveedit(args, backbone_dir: str) -> str:
         max_steps=args.train_steps, save_every=max(args.train_steps // 4, 1), seed=args.seed,
         records_dir=DEMO_DIR, name_prefix="demo", model_path=backbone_dir, data_dir=args.data_dir))
     with open(pointer, "w") as f:
-        json.dump({"checkpoint": result.final_checkpoint, "train_steps": args.train_steps}, f)
+        json.dump({"checkpoint": result.final_checkpoint, **wanted}, f)
     return result.final_checkpoint
 
 
-def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None) -> dict:
-    """Mean metrics of one sequential evaluation (resumed or reused when already on disk)."""
+def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overwrite=False) -> dict:
+    """Mean metrics of one sequential evaluation (resumed or reused when on disk, unless `overwrite`)."""
     from editors import load_editor
     from utils.evaluation import EvalConfig, evaluate as run_eval
 
@@ -70,7 +72,8 @@ def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None) -> di
     try:
         outcome = run_eval(editor, records, EvalConfig(
             sequential_edit_n=edits, data_name="TOY", eval_name_postfix="demo", results_dir=RESULTS_DIR,
-            batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True))
+            batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True,
+            overwrite=overwrite))
     finally:
         if hasattr(editor, "remove"):
             editor.remove()
@@ -134,9 +137,19 @@ def run(args) -> dict:
     print("[4/5] evaluating")
     vllm = load_vllm(MODEL, path=backbone_dir)
     records = load_edit_dataset("TOY", *default_data_paths("TOY", "eval", args.data_dir), limit=args.eval_records)
-    summary = {"unedited": evaluate(vllm, "none", 100, records),
-               "liveedit": {str(n): evaluate(vllm, "liveedit", n, records, checkpoint) for n in (1, 10, 100)},
-               "ft_l": {"100": evaluate(vllm, "ft_l", 100, records)}}
+    # results on disk are reused only if they were made with this backbone (the evaluation's own
+    # identity covers the records, editor, config and checkpoint, not the backbone's weights)
+    stamp_path, stamp = os.path.join(DEMO_DIR, "eval_backbone.json"), {"backbone": backbone_dir}
+    fresh = True
+    if os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            fresh = json.load(f) != stamp
+    summary = {"unedited": evaluate(vllm, "none", 100, records, overwrite=fresh),
+               "liveedit": {str(n): evaluate(vllm, "liveedit", n, records, checkpoint, overwrite=fresh)
+                            for n in (1, 10, 100)},
+               "ft_l": {"100": evaluate(vllm, "ft_l", 100, records, overwrite=fresh)}}
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
     summary["seconds"] = round(time.time() - start, 1)
     with open(os.path.join(DEMO_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -272,6 +272,19 @@ def test_interrupted_run_resumes_after_last_finished_chunk(llava, records, tmp_p
     assert fresh.calls == 6
 
 
+def test_results_made_with_other_weights_of_the_same_backbone_are_not_reused(llava, records, tmp_path):
+    from editors.vllms import load_vllm, save_vllm
+
+    folders = [tmp_path / "weights_a", tmp_path / "weights_b"]
+    for folder in folders:
+        save_vllm(llava, str(folder))
+    first, second = (load_vllm("tiny-llava", path=str(folder)) for folder in folders)
+    assert first.source == os.path.realpath(folders[0]) and llava.source is None
+    evaluate(CountingEditor(first), records[:2], config(tmp_path, 2, exact_match=False))
+    with pytest.raises(UserError, match="backbone_source"):
+        evaluate(CountingEditor(second), records[:2], config(tmp_path, 2, exact_match=False))
+
+
 @pytest.mark.parametrize("can_save", [True, False])
 def test_lifelong_resume_reloads_or_replays_edits(llava, records, tmp_path, can_save):
     five = records[:5]

@@ -331,7 +331,10 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
     """Everything that changes the numbers; a resumed run must match it exactly."""
     config = editor.config
     editor_config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
-    identity = {"editor": editor_name, "model": model_name, "data": cfg.data_name.upper(),
+    # the backbone's weight folder: the same name with other weights must not reuse these results
+    backbone_source = getattr(getattr(editor, "vllm", None), "source", None)
+    identity = {"editor": editor_name, "model": model_name, "backbone_source": backbone_source,
+                "data": cfg.data_name.upper(),
                 "eval_name_postfix": cfg.eval_name_postfix, "sequential_edit_n": cfg.sequential_edit_n,
                 "lifelong": cfg.lifelong, "exact_match": cfg.exact_match, "seed": cfg.seed,
                 "data_sample_n": cfg.data_sample_n, "editor_checkpoint": cfg.editor_checkpoint,

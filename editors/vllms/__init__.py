@@ -85,7 +85,9 @@ def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> V
             saved_name = json.load(f)["name"]
     _check_architecture(path, family)
     cls = REAL_BACKBONES[family][0]
-    return cls.from_directory(path, device=device, dtype=dtype, name=saved_name)
+    vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name)
+    vllm.source = os.path.realpath(path)
+    return vllm
 
 
 __all__ = ["VLLM", "VLLMBatch", "load_vllm", "save_vllm", "canonical_name", "vllm_names", "build_tiny", "TinySpec",

@@ -35,6 +35,7 @@ class VLLM(nn.Module):
     image_after_bos: bool = False  # image goes after BOS (LLaVA, MiniGPT-4) or before it (BLIP-2)
     image_text_prefix: str = ""    # text right after the image ("\n" for LLaVA / MiniGPT-4)
     image_placeholder: str | None = None  # the string users must not type into prompts
+    source: str | None = None     # real path of the folder the weights came from (None: built in memory)
 
     def __init__(self, model: nn.Module, stack: DecoderStack, tokenizer, image_processor,
                  num_image_tokens: int, name: str):
