@@ -137,8 +137,8 @@ def run(args) -> dict:
     print("[4/5] evaluating")
     vllm = load_vllm(MODEL, path=backbone_dir)
     records = load_edit_dataset("TOY", *default_data_paths("TOY", "eval", args.data_dir), limit=args.eval_records)
-    # results on disk are reused only if they were made with this backbone (the evaluation's own
-    # identity covers the records, editor, config and checkpoint, not the backbone's weights)
+    # the evaluation refuses to resume results made with another backbone folder (e.g. after a toy
+    # world upgrade re-pretrained it); the demo starts those evaluations over instead
     stamp_path, stamp = os.path.join(DEMO_DIR, "eval_backbone.json"), {"backbone": backbone_dir}
     fresh = True
     if os.path.isfile(stamp_path):
