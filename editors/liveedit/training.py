@@ -182,10 +182,15 @@ def _kl_post_pre(logits, group) -> torch.Tensor:
     return _per_sample_mean(kl, group.batch.label_mask)
 
 
+def _group_order(batch: LiveEditTrainBatch) -> list[tuple[str, str]]:
+    """The (kind, type) of the groups in the row order of `batch.everything`, B rows each."""
+    return [(REL, "")] + [(GEN, t) for t in batch.gen] + [(LOC, t) for t in batch.loc]
+
+
 def _stack_rows(editor, batch, keys, part):
     """For record j, the `part` ("query" | "vision") reps of the sample named keys[j]: one gather over
-    `batch.everything`, whose rows are the groups in order (rel, gen types, loc types), B rows each."""
-    order = [(REL, "")] + [(GEN, t) for t in batch.gen] + [(LOC, t) for t in batch.loc]
+    `batch.everything`."""
+    order = _group_order(batch)
     rows = torch.tensor([order.index(key) * len(keys) + j for j, key in enumerate(keys)],
                         device=batch.everything.hidden.device)
     return _span_reps(editor, batch.everything, part, rows)  # [B, n, D], [B, n]
@@ -215,7 +220,8 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
     query_keys, up, down = keys["query_keys"], keys["up"], keys["down"]  # [C, e, md], [C, r, D] x2
 
     # one pass of layers l_e+1..L over every sample of the step, each row with its own expert mask
-    masks = torch.cat([batch.rel_mask] + [batch.gen_mask] * len(batch.gen) + [batch.loc_mask] * len(batch.loc))
+    mask_of = {REL: batch.rel_mask, GEN: batch.gen_mask, LOC: batch.loc_mask}
+    masks = torch.cat([mask_of[kind] for kind, _ in _group_order(batch)])  # [N, C]
     logits = _edited_logits(editor, batch.everything, query_keys, up, down, masks)  # [n_all, V]
     label_mask = batch.everything.batch.label_mask  # [N, l], N = groups x B rows
     tokens_per_group = label_mask.sum(1).view(-1, batch.rel_mask.shape[0]).sum(1).tolist()
