@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,10 +33,8 @@ class Attention(nn.Module):
         q = q.reshape(b, lq, h, -1).transpose(1, 2)  # [b, h, lq, qk/h]
         k = self.k_mlp(keys).expand(b, -1, -1).reshape(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, qk/h]
         v = self.v_mlp(keys).expand(b, -1, -1).reshape(b, lk, h, -1).transpose(1, 2)  # [b, h, lk, v/h]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [b, h, lq, lk]
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        out = scores.softmax(-1) @ v  # [b, h, lq, v/h]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [b, 1, 1, lk], True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, h, lq, v/h], one fused op
         return out.transpose(1, 2).reshape(b, lq, -1)  # [b, lq, v]
 
 
