@@ -173,14 +173,62 @@ def test_repository_save_load_round_trip(vllm, editor, tmp_path):
     assert editor.num_edits == 4
 
 
-def test_repository_grows_by_doubling():
+def test_repository_grows_by_a_quarter_and_fits_a_large_add_exactly():
     from editors.liveedit.repository import ExpertRepository
+
+    def fields(n, value):
+        return dict(query_keys=torch.full((n, 2, 4), float(value)), vision_keys=torch.zeros(n, 2, 4),
+                    up=torch.zeros(n, 2, 8), down=torch.zeros(n, 2, 8))
 
     repo = ExpertRepository(eqe_n=2, module_dim=4, rank=2, hidden=8, capacity=4)
     capacities = []
     for i in range(20):
-        repo.add([Sample("p", "t", None)], query_keys=torch.full((1, 2, 4), float(i)),
-                 vision_keys=torch.zeros(1, 2, 4), up=torch.zeros(1, 2, 8), down=torch.zeros(1, 2, 8))
+        repo.add([Sample("p", "t", None)], **fields(1, i))
         capacities.append(repo.capacity)
-    assert sorted(set(capacities)) == [4, 8, 16, 32]
+    assert sorted(set(capacities)) == [4, 5, 6, 7, 8, 10, 12, 15, 18, 22]
     assert repo.view("query_keys")[:, 0, 0].tolist() == [float(i) for i in range(20)]
+    repo.add([Sample("p", "t", None)] * 100, **fields(100, -1))  # beyond one growth step: exact fit
+    assert repo.capacity == len(repo) == 120
+    assert repo.view("query_keys")[:20, 0, 0].tolist() == [float(i) for i in range(20)]
+
+
+@torch.no_grad()
+def test_routed_logits_do_not_depend_on_the_residual_chunk_size(vllm, editor, monkeypatch):
+    import editors.liveedit.editor as liveedit_module
+
+    samples = requests(5)
+    force_routing(editor)
+    editor.edit(samples)
+    batch = batch_of(vllm, samples)
+    whole = vllm(batch)
+    monkeypatch.setattr(liveedit_module, "RESIDUAL_CHUNK_ELEMENTS", 1)  # one expert per chunk
+    assert torch.allclose(vllm(batch), whole, atol=1e-5)
+
+
+def test_similarity_with_keys_in_another_dtype_equals_the_full_cast(monkeypatch):
+    import editors.liveedit.routing as routing
+
+    torch.manual_seed(0)
+    a, keys = torch.randn(3, 4, 8), torch.randn(50, 4, 8).to(torch.bfloat16)
+    expected = routing.similarity(a, keys.float(), 0.5)  # [3, 50]
+    monkeypatch.setattr(routing, "CAST_CHUNK_ELEMENTS", 7 * 4 * 8)  # 7 keys per chunk
+    assert torch.allclose(routing.similarity(a, keys, 0.5), expected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_repository_and_residual_follow_a_bfloat16_backbone():
+    from editors.vllms import build_tiny
+
+    vllm = build_tiny("tiny-blip2").to(torch.bfloat16)
+    torch.manual_seed(0)
+    editor = load_editor("liveedit", vllm)
+    assert editor.repository.dtype == torch.bfloat16  # repository_dtype: auto
+    samples = requests(3)
+    force_routing(editor)
+    batch = batch_of(vllm, samples)
+    before = vllm(batch)
+    editor.edit(samples)
+    after = vllm(batch)
+    assert after.dtype == torch.bfloat16 and torch.isfinite(after.float()).all()
+    assert all((after[i] != before[i]).any() for i in range(3))
+    editor.remove()

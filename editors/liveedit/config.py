@@ -35,5 +35,6 @@ class LiveEditConfig:
     edit_layer_i: int = 21                  # l_e, 0-based decoder layer whose output is edited
     retrieval_editor: RetrievalEditorConfig = field(default_factory=RetrievalEditorConfig)
     train_cfg: TrainConfig = field(default_factory=TrainConfig)
-    repository_dtype: str = "float32"       # dtype of stored keys and experts (float32 | bfloat16 | float16)
+    repository_dtype: str = "auto"          # dtype of stored keys and experts: auto (= the backbone's) | float32 |
+                                            # bfloat16 | float16; the residual's matmuls run in it
     sim_scale: float | None = None          # similarity scale; None = 1/sqrt(module_dim) as in the paper

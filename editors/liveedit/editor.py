@@ -25,6 +25,8 @@ from .modules import ExpertGenerator, FeatureExtractor
 from .repository import ExpertRepository
 from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
 
+RESIDUAL_CHUNK_ELEMENTS = 2 ** 25  # [k, l, chunk*r] expert activations at a time (128 MiB in float32)
+
 
 class LiveEdit(TrainableEditor):
     name = "liveedit"
@@ -46,8 +48,9 @@ class LiveEdit(TrainableEditor):
         for module in self.trainable_modules().values():
             module.to(vllm.device)
         self.sim_scale = config.sim_scale if config.sim_scale is not None else 1.0 / math.sqrt(rc.module_dim)
+        repository_dtype = vllm.dtype if config.repository_dtype == "auto" else resolve_dtype(config.repository_dtype)
         self.repository = ExpertRepository(rc.eqe_n, rc.module_dim, rc.lora_rank, d,
-                                           dtype=resolve_dtype(config.repository_dtype), device=vllm.device)
+                                           dtype=repository_dtype, device=vllm.device)
         self._editing = False
         self._route_cache = None  # (batch, row index, expert index, weights) of the running batch
         self.set_train(False)
@@ -140,17 +143,30 @@ class LiveEdit(TrainableEditor):
         if len(experts) == 0:
             return empty, empty, hidden.new_zeros(0, 0)
         query_sim = similarity(ext.extract_query(query[keep_rows], query_mask[keep_rows]),
-                               self.repository.view("query_keys").index_select(0, experts), self.sim_scale)
-        weights = soft_weights(query_sim, selected[keep_rows][:, experts])  # [k', s]
+                               self.repository.view("query_keys"), self.sim_scale)  # [k', m], no copy of keys
+        weights = soft_weights(query_sim[:, experts], selected[keep_rows][:, experts])  # [k', s]
         return rows[keep_rows], experts, weights
 
     def residual(self, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype."""
-        dtype = self.instant_reps_norm.weight.dtype
-        up = self.repository.view("up").index_select(0, experts).to(dtype)  # [s, r, D]
-        down = self.repository.view("down").index_select(0, experts).to(dtype)
-        x = self.instant_reps_norm(hidden.to(dtype))  # [k, l, D]
-        return mixture_residual(x, up, down, weights).to(hidden.dtype)
+        """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype.
+
+        The matmuls run in the repository's dtype (the backbone's by default), over chunks of experts
+        small enough that the [k, l, chunk*r] activations stay under RESIDUAL_CHUNK_ELEMENTS: at LLaVA
+        shapes, batch 32, all 10,000 experts at once would hold two 3 GB float32 activations.
+        """
+        k, l, _ = hidden.shape
+        dtype, rank = self.repository.dtype, self.repository.shapes["up"][0]
+        x = self.instant_reps_norm(hidden.to(self.instant_reps_norm.weight.dtype)).to(dtype)  # [k, l, D]
+        weights = weights.to(dtype)
+        step = max(1, RESIDUAL_CHUNK_ELEMENTS // (k * l * rank))
+        total = None
+        for start in range(0, len(experts), step):
+            part = experts[start:start + step]  # [c]
+            up = self.repository.view("up").index_select(0, part)  # [c, r, D]
+            down = self.repository.view("down").index_select(0, part)
+            term = mixture_residual(x, up, down, weights[:, start:start + step])  # [k, l, D]
+            total = term if total is None else total.add_(term)
+        return total.to(hidden.dtype)
 
     def _edit_hook(self, module, args, output):
         batch = self.vllm.active_batch

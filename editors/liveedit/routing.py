@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import torch
 
+CAST_CHUNK_ELEMENTS = 2 ** 22  # keys cast to a full-precision dtype at a time (16 MiB in float32)
+
 
 def similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """mean over the e feature tokens of <a_e, b_e> * scale: a [n, e, md], b [m, e, md] -> [n, m]."""
-    e = a.shape[1]
-    return a.flatten(1) @ b.flatten(1).transpose(0, 1).to(a.dtype) * (scale / e)  # [n, m]
+    """mean over the e feature tokens of <a_e, b_e> * scale: a [n, e, md], b [m, e, md] -> [n, m] in a's dtype.
+
+    A b stored in another dtype (a bfloat16 repository) is cast in chunks of CAST_CHUNK_ELEMENTS,
+    so no full-precision copy of all m keys is ever made.
+    """
+    e, a2 = a.shape[1], a.flatten(1)  # [n, e*md]
+    if b.dtype == a.dtype:
+        return a2 @ b.flatten(1).transpose(0, 1) * (scale / e)  # [n, m]
+    step = max(1, CAST_CHUNK_ELEMENTS // max(b[0].numel(), 1))
+    parts = [a2 @ part.flatten(1).transpose(0, 1).to(a.dtype) for part in b.split(step)]
+    return torch.cat(parts, dim=1) * (scale / e) if parts else a2.new_zeros(a2.shape[0], 0)  # [n, m]
 
 
 def paired_similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
