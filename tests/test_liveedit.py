@@ -232,3 +232,17 @@ def test_repository_and_residual_follow_a_bfloat16_backbone():
     assert after.dtype == torch.bfloat16 and torch.isfinite(after.float()).all()
     assert all((after[i] != before[i]).any() for i in range(3))
     editor.remove()
+
+
+def test_gather_spans_of_one_row_equals_the_padded_batch_path():
+    from editors.liveedit.routing import gather_spans
+
+    h = torch.randn(3, 10, 4)
+    spans = torch.tensor([[2, 7], [0, 3], [4, 10]])
+    padded, mask = gather_spans(h, spans)  # [3, 6, 4]
+    for i in range(3):
+        row, row_mask = gather_spans(h[i:i + 1], spans[i:i + 1])
+        n = int(spans[i, 1] - spans[i, 0])
+        assert row_mask.all() and row_mask.shape == (1, n)
+        assert torch.equal(row[0], padded[i, :n]) and torch.equal(mask[i, :n], row_mask[0])
+        assert not mask[i, n:].any() and (padded[i, n:] == 0).all()

@@ -51,6 +51,10 @@ def mixture_residual(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weig
 
 def gather_spans(h: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row slices h[i, s_i:e_i] padded to one length: h [b, l, D], spans [b, 2] -> ([b, n, D], mask [b, n])."""
+    if h.shape[0] == 1:  # one row needs no padding: a slice (a third of the general path's kernels)
+        start, end = spans[0].tolist()
+        if end > start:
+            return h[:, start:end], torch.ones(1, end - start, dtype=torch.bool, device=h.device)  # [1, n, D]
     lengths = spans[:, 1] - spans[:, 0]  # [b]
     n = max(int(lengths.max()), 1)
     steps = torch.arange(n, device=h.device)  # [n]
