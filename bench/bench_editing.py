@@ -19,8 +19,8 @@ Null on CPU.
                                picks what it picks) and "all_selected" (every expert selected)
     "eval_records_per_s"       sequential evaluation at eval batch 1 and B (bench/bench_eval.py)
     "eval_batched_speedup"     their ratio
-    "repository_growth"        10,000 single-edit ExpertRepository.add calls (preallocated, grows by a
-                               quarter) vs naive torch.cat per edit, and as a fraction of 10,000 single edits
+    "repository_growth"        10,000 single-edit ExpertRepository.add calls (preallocated, grows by an
+                               eighth) vs naive torch.cat per edit, and as a fraction of 10,000 single edits
     "wall_time"                the whole run
 
 "all_selected" forces hard routing without touching any code: the repository's vision keys are
