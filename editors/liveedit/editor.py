@@ -25,7 +25,7 @@ from .modules import ExpertGenerator, FeatureExtractor
 from .repository import ExpertRepository
 from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
 
-RESIDUAL_CHUNK_ELEMENTS = 2 ** 25  # [k, l, chunk*r] expert activations at a time (128 MiB in float32)
+RESIDUAL_CHUNK_ELEMENTS = 2 ** 25  # activations + copied experts per residual chunk (128 MiB in float32)
 
 
 class LiveEdit(TrainableEditor):
@@ -151,14 +151,15 @@ class LiveEdit(TrainableEditor):
         """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype.
 
         The matmuls run in the repository's dtype (the backbone's by default), over chunks of experts
-        small enough that the [k, l, chunk*r] activations stay under RESIDUAL_CHUNK_ELEMENTS: at LLaVA
-        shapes, batch 32, all 10,000 experts at once would hold two 3 GB float32 activations.
+        small enough that each chunk's [k, l, chunk*r] activations and its copied U, V [chunk, r, D]
+        stay under RESIDUAL_CHUNK_ELEMENTS together. At LLaVA shapes, batch 32, all 10,000 experts at
+        once would hold two 3 GB float32 activations; at BLIP-2 shapes, batch 1, a 0.4 GB copy of U, V.
         """
-        k, l, _ = hidden.shape
+        k, l, d = hidden.shape
         dtype, rank = self.repository.dtype, self.repository.shapes["up"][0]
         x = self.instant_reps_norm(hidden.to(self.instant_reps_norm.weight.dtype)).to(dtype)  # [k, l, D]
         weights = weights.to(dtype)
-        step = max(1, RESIDUAL_CHUNK_ELEMENTS // (k * l * rank))
+        step = max(1, RESIDUAL_CHUNK_ELEMENTS // (rank * (k * l + 2 * d)))  # experts per chunk
         total = None
         for start in range(0, len(experts), step):
             part = experts[start:start + step]  # [c]
