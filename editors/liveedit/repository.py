@@ -1,10 +1,10 @@
 """The expert repository: routing keys and low-rank experts of every edit so far (spec §6.3).
 
-Preallocated tensors that grow by an eighth when full (no concatenation per edit, so 10,000
-edits copy O(n) data, about 9 copies of each expert, not O(n^2); at most 1/9 of the allocation
-is unused; one large add, such as a load, allocates exactly what it needs), stored in a chosen dtype. `save`/`load` write
-safetensors plus a JSON manifest of the requests (image paths, never pixels), so a lifelong run
-can stop and continue.
+Preallocated tensors that grow by an eighth when full, stored in a chosen dtype. No
+concatenation per edit: 10,000 edits copy O(n) data (about 9 copies of each expert), not O(n^2);
+at most 1/9 of the allocation is unused; one large add, such as a load, allocates exactly what it
+needs. `save`/`load` write safetensors plus a JSON manifest of the requests (image paths, never
+pixels), so a lifelong run can stop and continue.
 """
 from __future__ import annotations
 
