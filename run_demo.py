@@ -63,6 +63,19 @@ def train_liveedit(args, backbone_dir: str) -> str:
     return result.final_checkpoint
 
 
+def inputs_changed(path: str, inputs: dict) -> bool:
+    """Whether the demo's evaluations last ran to the end on other inputs than `inputs`, or never did.
+
+    The evaluation refuses to resume results made with another backbone folder (after a toy world
+    upgrade re-pretrained it), checkpoint or set of records (`--eval_records`, `--train_steps`);
+    the demo owns its results folder, so it starts those evaluations over instead.
+    """
+    if not os.path.isfile(path):
+        return True
+    with open(path) as f:
+        return json.load(f) != inputs
+
+
 def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overwrite=False) -> dict:
     """Mean metrics of one sequential evaluation (resumed or reused when on disk, unless `overwrite`)."""
     from editors import load_editor
@@ -137,19 +150,16 @@ def run(args) -> dict:
     print("[4/5] evaluating")
     vllm = load_vllm(MODEL, path=backbone_dir)
     records = load_edit_dataset("TOY", *default_data_paths("TOY", "eval", args.data_dir), limit=args.eval_records)
-    # the evaluation refuses to resume results made with another backbone folder (e.g. after a toy
-    # world upgrade re-pretrained it); the demo starts those evaluations over instead
-    stamp_path, stamp = os.path.join(DEMO_DIR, "eval_backbone.json"), {"backbone": backbone_dir}
-    fresh = True
-    if os.path.isfile(stamp_path):
-        with open(stamp_path) as f:
-            fresh = json.load(f) != stamp
+    inputs = {"backbone": backbone_dir, "checkpoint": checkpoint, "eval_records": args.eval_records,
+              "data_dir": args.data_dir}
+    inputs_path = os.path.join(DEMO_DIR, "eval_inputs.json")
+    fresh = inputs_changed(inputs_path, inputs)
     summary = {"unedited": evaluate(vllm, "none", 100, records, overwrite=fresh),
                "liveedit": {str(n): evaluate(vllm, "liveedit", n, records, checkpoint, overwrite=fresh)
                             for n in (1, 10, 100)},
                "ft_l": {"100": evaluate(vllm, "ft_l", 100, records, overwrite=fresh)}}
-    with open(stamp_path, "w") as f:
-        json.dump(stamp, f)
+    with open(inputs_path, "w") as f:  # only once every evaluation has finished
+        json.dump(inputs, f)
     summary["seconds"] = round(time.time() - start, 1)
     with open(os.path.join(DEMO_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
