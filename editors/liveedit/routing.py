@@ -20,9 +20,9 @@ def similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     e, a2 = a.shape[1], a.flatten(1)  # [n, e*md]
     if b.dtype == a.dtype:
         return a2 @ b.flatten(1).transpose(0, 1) * (scale / e)  # [n, m]
-    step = max(1, CAST_CHUNK_ELEMENTS // max(b[0].numel(), 1))
-    parts = [a2 @ part.flatten(1).transpose(0, 1).to(a.dtype) for part in b.split(step)]
-    return torch.cat(parts, dim=1) * (scale / e) if parts else a2.new_zeros(a2.shape[0], 0)  # [n, m]
+    step = max(1, CAST_CHUNK_ELEMENTS // max(b.shape[1:].numel(), 1))  # keys per chunk
+    parts = [a2 @ part.flatten(1).transpose(0, 1).to(a.dtype) for part in b.split(step)]  # >= 1 part
+    return torch.cat(parts, dim=1) * (scale / e)  # [n, m]
 
 
 def paired_similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

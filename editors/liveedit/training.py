@@ -4,8 +4,9 @@ The backbone is frozen, so everything that depends only on it is computed once p
 step, in `prepare_training_batch` (no gradient, may run in the trainer's prefetch thread; all
 samples of a step go through the backbone as one batch): the layer-l_e output of each
 reliability / generality / locality sample (the reliability forward doubles as the edit signal)
-and the locality samples' pre-edit log-probabilities on their label positions. A step then runs only layers l_e+1..L on h + residual — the correct layer semantics,
-not the reference code's double application of layer l_e (spec §6.11).
+and the locality samples' pre-edit log-probabilities on their label positions. A step then runs
+only layers l_e+1..L on h + residual — the correct layer semantics, not the reference code's
+double application of layer l_e (spec §6.11).
 
 Losses (all weights 1 by default):
   rel   mean_i NLL(target_new | h_i + residual(experts chosen by rel_mask_i))
