@@ -21,13 +21,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from utils.errors import UserError  # noqa: E402
+from utils.io import write_json_atomic  # noqa: E402
 
 MODEL = "tiny-blip2"
 DEMO_DIR = os.path.join("records", "demo")
 RESULTS_DIR = os.path.join("eval_results", "demo")
-METRICS = {"rel": ("reliability",), "t_gen": ("generality", "text_rephrase"),
-           "m_gen": ("generality", "image_rephrase"), "t_loc": ("locality", "text_loc"),
-           "m_loc": ("locality", "image_loc")}
+TABLE_METRICS = 5  # Rel, T-Gen, M-Gen, T-Loc, M-Loc: the first five of runs.results.METRICS
 
 
 def parse_args(argv=None):
@@ -42,7 +41,7 @@ def parse_args(argv=None):
 
 def train_liveedit(args, backbone_dir: str) -> str:
     """Final checkpoint of the demo's LiveEdit training (trained once, then reused)."""
-    from utils.training import TrainRunConfig, run_training
+    from runs.training import TrainRunConfig, run_training
 
     pointer = os.path.join(DEMO_DIR, "liveedit_checkpoint.json")
     wanted = {"train_steps": args.train_steps, "batch_size": args.batch_size, "seed": args.seed,
@@ -58,8 +57,7 @@ def train_liveedit(args, backbone_dir: str) -> str:
         editor_name="liveedit", model_name=MODEL, data_name="TOY", batch_size=args.batch_size,
         max_steps=args.train_steps, save_every=max(args.train_steps // 4, 1), seed=args.seed,
         records_dir=DEMO_DIR, name_prefix="demo", model_path=backbone_dir, data_dir=args.data_dir))
-    with open(pointer, "w") as f:
-        json.dump({"checkpoint": result.final_checkpoint, **wanted}, f)
+    write_json_atomic(pointer, {"checkpoint": result.final_checkpoint, **wanted}, indent=None)
     return result.final_checkpoint
 
 
@@ -79,7 +77,8 @@ def inputs_changed(path: str, inputs: dict) -> bool:
 def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overwrite=False) -> dict:
     """Mean metrics of one sequential evaluation (resumed or reused when on disk, unless `overwrite`)."""
     from editors import load_editor
-    from utils.evaluation import EvalConfig, evaluate as run_eval
+    from runs.evaluation import EvalConfig, evaluate as run_eval
+    from runs.results import METRICS, metric_values
 
     editor = load_editor(editor_name, vllm, checkpoint=checkpoint)
     try:
@@ -88,18 +87,8 @@ def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overw
             batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True,
             overwrite=overwrite))
     finally:
-        if hasattr(editor, "remove"):
-            editor.remove()
-        else:
-            editor.restore()
-    mean = outcome.total_mean
-    return {key: round(_dig(mean, path)["acc"], 4) for key, path in METRICS.items()}
-
-
-def _dig(mean: dict, path: tuple) -> dict:
-    for key in path:
-        mean = mean[key]
-    return mean
+        editor.remove()
+    return {key: round(metric_values(outcome.total_mean, path)["acc"], 4) for _, key, path in METRICS[:TABLE_METRICS]}
 
 
 def plot(summary: dict, path: str) -> None:
@@ -108,11 +97,15 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from runs.results import METRICS
+
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     xs = [1, 10, 100]
-    for key in METRICS:
-        ax.plot(xs, [summary["liveedit"][str(x)][key] for x in xs], marker="o", label=f"LiveEdit {key}")
-    ax.scatter([100] * 5, [summary["ft_l"]["100"][k] for k in METRICS], marker="x", color="black", label="FT-L @100")
+    metrics = METRICS[:TABLE_METRICS]
+    for label, key, _ in metrics:
+        ax.plot(xs, [summary["liveedit"][str(x)][key] for x in xs], marker="o", label=f"LiveEdit {label}")
+    ax.scatter([100] * len(metrics), [summary["ft_l"]["100"][key] for _, key, _ in metrics], marker="x",
+               color="black", label="FT-L @100")
     ax.set_xscale("log")
     ax.set_xlabel("sequential edits per chunk")
     ax.set_ylabel("teacher-forced token accuracy")
@@ -125,18 +118,22 @@ def plot(summary: dict, path: str) -> None:
 
 
 def table(summary: dict) -> str:
+    from runs.results import METRICS
+
+    keys = [key for _, key, _ in METRICS[:TABLE_METRICS]]
     rows = [("unedited", "-", summary["unedited"])]
     rows += [("LiveEdit", n, summary["liveedit"][n]) for n in ("1", "10", "100")]
     rows += [("FT-L", "100", summary["ft_l"]["100"])]
     lines = ["| editor | edits | Rel | T-Gen | M-Gen | T-Loc | M-Loc |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {n} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for name, n, m in rows]
+    lines += [f"| {name} | {n} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for name, n, m in rows]
     return "\n".join(lines)
 
 
 def run(args) -> dict:
     from editors.vllms import load_vllm
-    from editors.vllms.pretrain import ensure_pretrained
-    from utils.data import default_data_paths, ensure_toy_data, load_edit_dataset
+    from runs.data import load_split
+    from runs.pretrain import ensure_pretrained
+    from toyworld import ensure_toy_data
 
     start = time.time()
     os.makedirs(DEMO_DIR, exist_ok=True)
@@ -149,7 +146,7 @@ def run(args) -> dict:
     checkpoint = train_liveedit(args, backbone_dir)
     print("[4/5] evaluating")
     vllm = load_vllm(MODEL, path=backbone_dir)
-    records = load_edit_dataset("TOY", *default_data_paths("TOY", "eval", args.data_dir), limit=args.eval_records)
+    _, records = load_split("TOY", "eval", args.data_dir, args.eval_records)
     inputs = {"backbone": backbone_dir, "checkpoint": checkpoint, "eval_records": args.eval_records,
               "data_dir": args.data_dir}
     inputs_path = os.path.join(DEMO_DIR, "eval_inputs.json")
@@ -158,11 +155,9 @@ def run(args) -> dict:
                "liveedit": {str(n): evaluate(vllm, "liveedit", n, records, checkpoint, overwrite=fresh)
                             for n in (1, 10, 100)},
                "ft_l": {"100": evaluate(vllm, "ft_l", 100, records, overwrite=fresh)}}
-    with open(inputs_path, "w") as f:  # only once every evaluation has finished
-        json.dump(inputs, f)
+    write_json_atomic(inputs_path, inputs, indent=None)  # only once every evaluation has finished
     summary["seconds"] = round(time.time() - start, 1)
-    with open(os.path.join(DEMO_DIR, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(DEMO_DIR, "summary.json"), summary, indent=2)
     plot(summary, os.path.join(DEMO_DIR, "demo_metrics.png"))
     print("[5/5] done in", summary["seconds"], "s\n")
     print(table(summary))

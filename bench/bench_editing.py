@@ -60,7 +60,7 @@ from editors.liveedit.editor import LiveEdit  # noqa: E402
 from editors.liveedit.repository import FIELDS, ExpertRepository  # noqa: E402
 from editors.liveedit.routing import gather_spans, paired_similarity  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.evaluation import round_floats  # noqa: E402
+from runs.results import round_floats  # noqa: E402
 from utils.records import Sample  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -455,7 +455,7 @@ def bench_inference(ctx) -> None:
 def bench_eval(ctx) -> None:
     """bench/bench_eval.py's `measure` at eval batch 1 and B, with this run's LiveEdit."""
     from utils.data import load_edit_dataset
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     s = ctx.settings
     with tempfile.TemporaryDirectory() as workdir:

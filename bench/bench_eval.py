@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from editors.base import Editor  # noqa: E402
-from utils.evaluation import EvalConfig, evaluate, round_floats  # noqa: E402
+from runs.evaluation import EvalConfig, evaluate  # noqa: E402
+from runs.results import round_floats  # noqa: E402
 
 
 class NoOpEditor(Editor):
@@ -53,7 +54,7 @@ def build(args):
     from editors import load_editor
     from editors.vllms import load_vllm
     from utils.data import load_edit_dataset
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     world = os.path.join(args.workdir, "toyworld")
     generate_toyworld(world, n_train=2, n_eval=args.records, n_pretrain_scenes=2)

@@ -21,13 +21,12 @@ import datetime
 import json
 import os
 import re
-import shutil
-import uuid
 from typing import Any
 
 import torch
 
 from utils.errors import UserError
+from utils.io import folder_atomic, fsync_path, write_json_atomic, write_text_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -72,10 +71,8 @@ def save_checkpoint(directory: str, editor, optimizer: torch.optim.Optimizer | N
         raise ValueError("save_checkpoint: state must contain 'step'")
     os.makedirs(directory, exist_ok=True)
     name = checkpoint_name(state["step"])
-    token = uuid.uuid4().hex[:8]
-    tmp = os.path.join(directory, f".{name}.tmp-{token}")
-    os.makedirs(tmp)
-    try:
+    final = os.path.join(directory, name)
+    with folder_atomic(final) as tmp:
         backbone = getattr(getattr(editor, "vllm", None), "name", "")
         save_file(editor_state_dict(editor), os.path.join(tmp, EDITOR_FILE),
                   metadata={"editor": editor.name, "backbone": backbone, "format": str(FORMAT_VERSION)})
@@ -83,14 +80,10 @@ def save_checkpoint(directory: str, editor, optimizer: torch.optim.Optimizer | N
         trainer_state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
         trainer_state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
-        _write_json(os.path.join(tmp, META_FILE), _meta(editor, backbone, state))  # last: marks "finished"
-        for file in (EDITOR_FILE, TRAINER_FILE, META_FILE):
-            _fsync(os.path.join(tmp, file))
-        final = os.path.join(directory, name)
-        _move_into_place(tmp, final, token)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(os.path.join(tmp, META_FILE), _meta(editor, backbone, state), indent=2,
+                          default=str)  # last
+        for file in (EDITOR_FILE, TRAINER_FILE):
+            fsync_path(os.path.join(tmp, file))
     write_latest(directory, name)
     return final
 
@@ -116,35 +109,9 @@ def _meta(editor, backbone: str, state: dict) -> dict:
     return meta
 
 
-def _move_into_place(tmp: str, final: str, token: str) -> None:
-    """Rename `tmp` to `final`, replacing an existing `final` (moved aside first, then deleted)."""
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{token}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_latest(directory: str, name: str) -> None:
     """Point `directory/latest` at checkpoint folder `name` (atomic replace)."""
-    tmp = os.path.join(directory, f".{LATEST_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, LATEST_FILE))
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    write_text_atomic(os.path.join(directory, LATEST_FILE), name + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

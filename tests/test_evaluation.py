@@ -16,7 +16,8 @@ from conftest import TINY, tiny_vllm
 from editors import load_editor
 from editors.base import Editor
 from utils.errors import UserError
-from utils.evaluation import EvalConfig, evaluate, lifelong_checkpoints, split_into_chunks
+from utils.io import none_or_value
+from runs.evaluation import EvalConfig, evaluate, lifelong_checkpoints, split_into_chunks
 from utils.records import Sample
 from utils.scoring import generate_answers, teacher_forced, token_accuracy
 
@@ -36,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     out = tmp_path_factory.mktemp("eval") / "toyworld"
     generate_toyworld(out, n_train=2, n_eval=8, n_pretrain_scenes=2)
@@ -395,7 +396,7 @@ def test_cli_refuses_untrained_editor(tmp_path, monkeypatch, capsys):
     assert rc == 2 and err.startswith("error: ") and "-ckpt" in err and "--allow_untrained" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not data_dir.exists()  # refused before any data or model was touched
-    assert cli().parse_ckpt("none") is None and cli().parse_ckpt("a/b") == "a/b"
+    assert none_or_value("none") is None and none_or_value("a/b") == "a/b"
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
@@ -405,7 +406,7 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_end_to_end_on_toy_with_ft_l(tmp_path, monkeypatch, capsys):
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     module = cli()
     generate_toyworld(str(tmp_path / "data" / "toyworld"), n_train=2, n_eval=5, n_pretrain_scenes=2)  # kept as is

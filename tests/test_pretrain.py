@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY
 from editors.vllms import TinySpec, load_vllm
-from editors.vllms import pretrain as P
-from utils.toyworld import generate_toyworld
+from runs import pretrain as P
+from toyworld.world import generate_toyworld
 
 FAMILY = {"tiny-blip2": "blip2", "tiny-llava": "llava", "tiny-minigpt4": "minigpt4"}
 

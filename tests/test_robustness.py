@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_vllm
-from utils.toyworld import generate_toyworld
+from toyworld.world import generate_toyworld
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
 

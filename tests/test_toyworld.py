@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import toyworld as tw
+from toyworld import world as tw
 from utils.errors import UserError
 
 SMALL = dict(n_train=12, n_eval=10, image_size=32, seed=3, n_pretrain_scenes=6, n_facts=12)

@@ -1,4 +1,4 @@
-"""The generic trainer (utils/training.py) and checkpoints (editors/checkpoint.py).
+"""The generic trainer (runs/training.py) and checkpoints (editors/checkpoint.py).
 
 A small real trainable editor, `BiasEditor`, adds a learned vector to the output of one decoder
 layer of a tiny backbone and a learned bias to its logits; it trains on the toy world like any
@@ -26,7 +26,7 @@ from editors.base import Editor, TrainableEditor
 from editors.checkpoint import (EDITOR_FILE, META_FILE, TRAINER_FILE, find_latest, load_editor_weights,
                                 load_trainer_state)
 from utils.errors import UserError
-from utils.training import (TrainingInterrupted, TrainRunConfig, batch_indices, epoch_order, run_training,
+from runs.training import (TrainingInterrupted, TrainRunConfig, batch_indices, epoch_order, run_training,
                             steps_per_epoch, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +127,7 @@ def registered():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A small toy world under data/toyworld and an editor config file."""
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     root = tmp_path_factory.mktemp("training")
     generate_toyworld(root / "data" / "toyworld", n_train=16, n_eval=8, n_pretrain_scenes=4)

@@ -29,7 +29,7 @@ from utils.records import EditRecord, Sample
 
 DATASET_NAMES = ("EVQA", "EIC", "VLKEB")
 VLKEB_ONEHOP = "VLKEB-ONEHOP"
-TOY = "TOY"  # the project's generated toy world (utils/toyworld.py), E-VQA templates
+TOY = "TOY"  # the project's generated toy world (the toyworld package), E-VQA templates
 ALL_DATASET_NAMES = DATASET_NAMES + (VLKEB_ONEHOP, TOY)
 SPLITS = ("train", "eval")
 
@@ -88,7 +88,7 @@ _IMAGE_SOURCES = {
     "EIC": "the COCO val2014 images and MMEdit's val2014_image_rephrase images",
     "VLKEB": "VLKEB's mmkb_images",
     VLKEB_ONEHOP: "VLKEB's mmkb_images",
-    TOY: "the toy world (python -m utils.toyworld --out data/toyworld)",
+    TOY: "the toy world (python -m toyworld --out data/toyworld)",
 }
 
 
@@ -371,20 +371,3 @@ def _build_record(
 def _portability_samples(raw: dict, image: str) -> list[Sample]:
     """One (request image, port_q, port_a) sample per `port_new` item."""
     return [Sample(item["port_q"], item["port_a"], image) for item in raw[PORTABILITY_FIELD]]
-
-
-def ensure_toy_data(data_dir: str | os.PathLike = "data") -> str:
-    """The toy world under `data_dir/toyworld`, for `-dna TOY` / `-dn TOY`.
-
-    A toy world already there is kept whatever its size (tests and users make small ones); an
-    outdated version is regenerated with the same arguments; a missing one gets the default size.
-    """
-    from utils.toyworld import ensure_toyworld, read_manifest, toyworld_args
-
-    out_dir = os.path.join(data_dir, "toyworld")
-    args = (read_manifest(out_dir) or {}).get("args") or {}
-    try:
-        toyworld_args(**args)
-    except (TypeError, UserError):
-        args = {}
-    return str(ensure_toyworld(out_dir, **args))

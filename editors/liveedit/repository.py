@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
+from utils.io import write_atomic, write_json_atomic
 from utils.records import Sample
 
 FIELDS = ("query_keys", "vision_keys", "up", "down")  # eqr, evr, U, V in the paper's names
@@ -73,8 +73,8 @@ class ExpertRepository:
         manifest = {"size": self.size, "dtype": str(self.dtype).replace("torch.", ""), "shapes": self.shapes,
                     "info": info or {},
                     "requests": [_request_entry(s) for s in self.requests]}
-        _atomic_write(directory, "experts.safetensors", lambda p: save_file(tensors, p))
-        _atomic_write(directory, "manifest.json", lambda p: _dump_json(manifest, p))
+        write_atomic(os.path.join(directory, "experts.safetensors"), lambda tmp: save_file(tensors, tmp))
+        write_json_atomic(os.path.join(directory, "manifest.json"), manifest, indent=1)
 
     def load(self, directory: str) -> dict:
         """Replace the contents with a saved repository; returns the saved `info`."""
@@ -101,19 +101,3 @@ def _request_entry(sample: Sample) -> dict:
     """A request for the manifest: image paths are kept; in-memory images are recorded as null."""
     image = sample.image if isinstance(sample.image, str) or sample.image is None else None
     return {"prompt": sample.prompt, "target": sample.target, "image": image}
-
-
-def _dump_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def _atomic_write(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from toyworld.world import corpus_lines as toy_corpus_lines
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 _COMMON_WORDS = (
@@ -20,9 +22,7 @@ _COMMON_WORDS = (
 
 def corpus_lines() -> list[str]:
     """Text the tiny tokenizer is trained on: the toy world's phrases and some common words."""
-    from utils import toyworld
-
-    lines = list(toyworld.corpus_lines()) + [" ".join(_COMMON_WORDS)]
+    lines = list(toy_corpus_lines()) + [" ".join(_COMMON_WORDS)]
     return sorted(set(lines))
 
 

@@ -39,52 +39,16 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.errors import UserError
+from utils.io import folder_atomic, read_json, write_json_atomic
+from utils.names import safe_name_part
 from utils.records import EditRecord, Sample
 from utils.scoring import decode, exact_match, generate_answers, teacher_forced, token_accuracy
 
-ROUND_DIGITS = 4
-GROUP_ORDER = ("generality", "locality", "portability", "reliability")  # key order of a record result
+from runs.eval_config import EvalConfig
+from runs.results import GROUP_ORDER, ScalarLog, mean_results, plot_metrics, round_floats
+
 OUTPUT_FILES = ("results.json", "mean_results.json", "lifelong.json", "metrics_vs_edits.png")
 EDITS_MARKER = "_evaluation_chunks_done.json"
-
-
-@dataclass
-class EvalConfig:
-    """How to run one evaluation; everything that changes the numbers must match to resume."""
-
-    sequential_edit_n: int
-    """Edits per chunk (-sen)."""
-    data_name: str = "TOY"
-    """Dataset name, used in the folder name (upper-cased)."""
-    eval_name_postfix: str = ""
-    """Appended to the dataset folder name as `-<postfix>` (-enp)."""
-    editor_name: str = ""
-    """Folder name of the editor; default: `editor.name`."""
-    model_name: str = ""
-    """Folder name of the backbone; default: `vllm.name`."""
-    results_dir: str = "eval_results"
-    batch_size: int = 16
-    """Samples per forward pass when scoring (any value gives the same numbers)."""
-    exact_match: bool = True
-    """Also score greedy generation (exact match); costs one generation per sample."""
-    lifelong: bool = False
-    """Never restore between chunks; score checkpoints 1, 10, 100, ... edits into lifelong.json."""
-    lifelong_sample_n: int = 1000
-    """At most this many edited records are scored at a lifelong checkpoint."""
-    overwrite: bool = False
-    """Delete earlier results of this run folder and start over."""
-    seed: int = 0
-    """Seeds the lifelong checkpoint sample (the CLI also seeds torch / numpy with it)."""
-    data_sample_n: int | None = None
-    """Recorded only: how many records were read (-dsn)."""
-    editor_checkpoint: str | None = None
-    """Recorded only: the editor weights used (-ckpt)."""
-    device: str = ""
-    """Recorded only; default: the backbone's device."""
-    show_progress: bool = True
-    """tqdm bars for preparing, editing and scoring."""
-    tensorboard: bool = True
-    plot: bool = True
 
 
 @dataclass
@@ -245,77 +209,10 @@ def _requests(records: Sequence[EditRecord], positions: Iterable[int]) -> list[t
     return [(f"{pos}/reliability/None/{i}", s) for pos in positions for i, s in enumerate(records[pos].requests)]
 
 
-# ---- means and rounding -------------------------------------------------------------------------
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _mean_items(items: list[dict]) -> dict:
-    keys = [k for k in dict.fromkeys(k for it in items for k in it) if any(_is_number(it.get(k)) for it in items)]
-    return {k: float(np.mean([it[k] for it in items if _is_number(it.get(k))])) for k in keys}
-
-
-def mean_results(results: Sequence[dict]) -> dict:
-    """Mean of every numeric field over all items of all records (spec §9.4 `get_mean_results`)."""
-    out: dict[str, Any] = {}
-    for group in GROUP_ORDER:
-        values = [r[group] for r in results if group in r]
-        if not values:
-            continue
-        if isinstance(values[0], list):
-            items = [it for v in values for it in v]
-            if items:
-                out[group] = _mean_items(items)
-        else:
-            kinds = dict.fromkeys(k for v in values for k in v)
-            per_kind = {k: [it for v in values for it in v.get(k, [])] for k in kinds}
-            out[group] = {k: _mean_items(its) for k, its in per_kind.items() if its}
-    return out
-
-
-def round_floats(obj, digits: int = ROUND_DIGITS):
-    """A copy of `obj` with every float rounded (the paper's files keep 4 decimals)."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj
-
-
-def flatten_metrics(mean: dict, prefix: str = "") -> dict[str, float]:
-    """{"reliability": {"acc": a}} -> {"reliability/acc": a} (numbers only)."""
-    flat = {}
-    for key, value in mean.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_metrics(value, name + "/"))
-        elif _is_number(value):
-            flat[name] = float(value)
-    return flat
-
-
 # ---- files --------------------------------------------------------------------------------------
-
-def write_json_atomic(path: str, obj, indent: int | None = 4) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
 
 def run_folder(cfg: EvalConfig, editor_name: str, model_name: str) -> str:
     """`<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelong}_edit_<n>`."""
-    from utils.names import safe_name_part
-
     postfix = safe_name_part(cfg.eval_name_postfix, "-enp/--eval_name_postfix") if cfg.eval_name_postfix else ""
     name = cfg.data_name.upper() + (f"-{postfix}" if postfix else "")
     mode = "lifelong_edit" if cfg.lifelong else "sequential_edit"
@@ -395,60 +292,6 @@ class Progress:
         return self.path(f"checkpoint_{n_edits:09d}.json")
 
 
-# ---- TensorBoard and plot -----------------------------------------------------------------------
-
-class ScalarLog:
-    """TensorBoard scalars under `<folder>/tb` (a no-op when disabled)."""
-
-    def __init__(self, folder: str, enabled: bool):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=os.path.join(folder, "tb"))
-
-    def log(self, mean: dict, step: int, prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for name, value in flatten_metrics(mean, prefix).items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_metrics(path: str, xs: Sequence[int], means: Sequence[dict], xlabel: str, log_x: bool) -> None:
-    """One line per accuracy / exact-match metric against `xs` (PNG, Agg canvas, no global backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    flat = [flatten_metrics(m) for m in means]
-    names = [n for n in dict.fromkeys(k for f in flat for k in f) if n.endswith(("/acc", "/exact_match"))]
-    fig = Figure(figsize=(10, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name in names:
-        ys = [f.get(name, np.nan) for f in flat]
-        style = "--" if name.endswith("exact_match") else "-"
-        ax.plot(xs, ys, style, marker="o", markersize=3, label=name)
-    if log_x:
-        ax.set_xscale("log")
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
 # ---- lifelong helpers ---------------------------------------------------------------------------
 
 def lifelong_checkpoints(total_edits: int) -> list[int]:
@@ -472,19 +315,12 @@ def checkpoint_sample(n_edited: int, n_edits: int, cfg: EvalConfig) -> list[int]
 
 def _save_edits(editor, progress: Progress, chunks_done: int) -> bool:
     """Save the editor's edits after `chunks_done` chunks (swapped in atomically); False if unsupported."""
-    tmp, final, old = progress.path("edits.tmp"), progress.path("edits"), progress.path("edits.old")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        editor.save_edits(tmp)
+        with folder_atomic(progress.path("edits")) as tmp:
+            editor.save_edits(tmp)
+            write_json_atomic(os.path.join(tmp, EDITS_MARKER), {"chunks_done": chunks_done})
     except NotImplementedError:
-        shutil.rmtree(tmp, ignore_errors=True)
         return False
-    write_json_atomic(os.path.join(tmp, EDITS_MARKER), {"chunks_done": chunks_done})
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     return True
 
 
@@ -534,7 +370,7 @@ def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutc
     progress = Progress(folder)
     if cfg.overwrite:
         progress.clear()
-    config = dataclasses.asdict(cfg) | {"device": cfg.device or str(editor.vllm.device)}
+    config = dataclasses.asdict(cfg) | {"device": str(editor.vllm.device)}
     progress.start(run_identity(cfg, editor, records, editor_name, model_name), config)
     chunks = split_into_chunks(records, cfg.sequential_edit_n)
     done = progress.finished_chunks(len(chunks))

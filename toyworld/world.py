@@ -44,10 +44,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.errors import UserError
+from utils.io import folder_atomic
 
 TOYWORLD_VERSION = 3
 """Bump whenever the generated content changes, so old folders are regenerated."""
@@ -657,24 +655,8 @@ def ensure_toyworld(out_dir, force: bool = False, **kwargs) -> Path:
         raise UserError(f"{out} exists but is not a toy world (no toy-world manifest.json); "
                         "remove it or pick another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{token}"
-    try:
-        generate_toyworld(tmp, **args)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{token}"
-    if out.exists():
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        # Another process put a folder there meanwhile; keep it if it is what we wanted.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_current(out, args):
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+    with folder_atomic(str(out)) as tmp:
+        generate_toyworld(Path(tmp), **args)
     return out
 
 
@@ -691,7 +673,7 @@ def corpus_lines(seed: int = 0, n_facts: int = 40) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.toyworld",
+        prog="python -m toyworld",
         description="Generate the toy world: small PNG scenes (shape, colour, count) with edit "
                     "data in the MMEdit JSON schema (train.json, eval.json), pretraining items "
                     "(pretrain.json) and a manifest. Reuses --out when it already matches.",

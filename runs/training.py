@@ -38,68 +38,33 @@ import datetime
 import math
 import os
 import queue
-import random
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
+from editors import default_config_path, editor_class, load_editor
+from editors.checkpoint import (CHECKPOINTS_DIR, load_editor_weights, load_trainer_state, read_meta,
+                                resolve_checkpoint, restore_optimizer, save_checkpoint)
+from editors.vllms import TINY_NAMES, canonical_name, load_vllm
+from editors.vllms.paths import resolve_model_path
+from utils.config import config_to_dict, from_dict, load_config
+from utils.data import canonical_dataset_name
+from utils.devices import resolve_device
 from utils.errors import UserError
-from utils.names import safe_name_part
+from utils.io import seed_everything, write_yaml_atomic
+
+from runs.data import load_split
+from runs.train_config import TrainRunConfig
 
 _BATCH_STREAM = 1_000_003   # rng of step s: default_rng([seed, _BATCH_STREAM, s])
 _TORCH_STREAM = 2_000_003   # torch.manual_seed before step s: drawn from default_rng([seed, _TORCH_STREAM, s])
-
-
-@dataclass
-class TrainRunConfig:
-    """Settings of one training run (the flags of `train_vllm_editor.py`)."""
-
-    editor_name: str
-    """Editor registry key (-en), e.g. `liveedit`."""
-    model_name: str
-    """Backbone (-mn): `blip2`, `llava`, `minigpt4`, a full name, or a `tiny-*` test backbone."""
-    data_name: str
-    """Training data (-dna): EVQA, EIC, VLKEB or TOY (the generated toy world)."""
-    batch_size: int
-    """Records per step (-bs); the last batch of an epoch may be smaller."""
-    device: str = "cpu"
-    """Main device (-dvc): cpu, cuda, cuda:N, mps or auto."""
-    epochs: int = 1000
-    """Last epoch, 1-based and inclusive as in the paper (-eps): epochs 1..epochs run."""
-    max_steps: int | None = None
-    """Stop after this global step even if epochs remain (--max_steps); None = no limit."""
-    save_every: int = 1000
-    """Save a checkpoint every this many steps (-sci); a final one is always saved."""
-    log_every: int = 1
-    """Write TensorBoard scalars every this many steps (-lpi)."""
-    ema_alpha: float = 0.1
-    """Weight of the newest loss in the EMA loss (-ea); the EMA starts at the first loss."""
-    seed: int | None = None
-    """Seed of parameter init, data order and per-step randomness (-rs); None = time-based, then recorded."""
-    data_buffer_size: int = 4
-    """Batches the prefetch thread prepares ahead (-dbs); 0 = prepare in the main thread."""
-    data_limit: int | None = None
-    """Use only the first N training records (-dn); None = all."""
-    records_dir: str = "records"
-    """Root of the run folders (--records_dir)."""
-    name_prefix: str | None = None
-    """Prefix of the run-folder name (-tnp)."""
-    model_path: str | None = None
-    """Local folder of the backbone weights (--model_path); else env var / paths YAML (see README)."""
-    data_dir: str = "data"
-    """Folder holding the datasets in the paper's layout, and `toyworld/` for TOY (--data_dir)."""
-    config_path: str | None = None
-    """Editor YAML (--config); None = configs/<editor>/<backbone>.yaml, or the checkpoint's config on resume."""
-    resume_from: str | None = None
-    """Checkpoint to resume from (-lkpt): a step-N folder, its editor.safetensors, or a run folder.
-    Training continues at its step + 1 inside ITS run folder (records_dir and name_prefix are unused)."""
 
 
 @dataclass
@@ -124,36 +89,9 @@ class TrainingInterrupted(Exception):
 # Settings
 # ---------------------------------------------------------------------------------------------
 
-def validate_run_config(cfg: TrainRunConfig) -> None:
-    """Range checks of the numeric settings; each failure names the flag to change."""
-    checks = [
-        (cfg.batch_size >= 1, "-bs/--batch_size must be at least 1"),
-        (cfg.epochs >= 1, "-eps/--epochs must be at least 1 (epochs are 1-based and inclusive)"),
-        (cfg.max_steps is None or cfg.max_steps >= 1, "--max_steps must be at least 1"),
-        (cfg.save_every >= 1, "-sci/--save_ckpt_per_i must be at least 1"),
-        (cfg.log_every >= 1, "-lpi/--log_per_i must be at least 1"),
-        (0.0 < cfg.ema_alpha <= 1.0, "-ea/--ema_alpha must be in (0, 1]"),
-        (cfg.data_buffer_size >= 0, "-dbs/--data_buffer_size must be 0 or more"),
-        (cfg.data_limit is None or cfg.data_limit >= 1, "-dn/--data_n must be at least 1"),
-        (cfg.seed is None or cfg.seed >= 0, "-rs/--random_seed must be 0 or more"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if cfg.name_prefix:
-        safe_name_part(cfg.name_prefix, "-tnp/--train_name_prefix")
-
-
 def time_seed() -> int:
     """A seed from the clock (as the paper's `set_random_seeds(None)`)."""
     return int(time.time() * 10000) % 99_999_999
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA), e.g. before building the editor's parameters."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +237,6 @@ def deferred_interrupts():
 
 def make_run_dir(records_dir: str, editor_name: str, model_name: str, prefix: str | None) -> str:
     """Create `records/<editor>/<model>/<[prefix-]YYYY.MM.DD-HH.MM.SS>[-k]` and its subfolders."""
-    from editors.checkpoint import CHECKPOINTS_DIR
-
     stamp = datetime.datetime.now().strftime("%Y.%m.%d-%H.%M.%S")
     base = os.path.join(records_dir, editor_name, model_name, f"{prefix}-{stamp}" if prefix else stamp)
     run_dir, k = base, 1
@@ -330,10 +266,7 @@ def write_run_config(run_dir: str, run_cfg: TrainRunConfig, editor_config: dict,
     content = {"run": _plain(dataclasses.asdict(run_cfg)), "editor": _plain(editor_config),
                "data": _plain(data_info)}
     path = os.path.join(run_dir, "config.yaml")
-    tmp = os.path.join(run_dir, f".config.yaml.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(content, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_yaml_atomic(path, content)
     return path
 
 
@@ -355,19 +288,12 @@ def _check_names(cfg: TrainRunConfig):
     """Editor, dataset, device and backbone names and the weight folder (cheap checks first).
 
     Returns the editor class."""
-    from editors import editor_class
-    from utils.data import canonical_dataset_name
-    from utils.devices import resolve_device
-
     cls = editor_class(cfg.editor_name)
     if not getattr(cls, "needs_training", False):
         raise UserError(f"editor {cfg.editor_name!r} needs no training (it edits without learned modules); "
                         f"evaluate it directly with test_vllm_edit.py")
     canonical_dataset_name(cfg.data_name)
     resolve_device(cfg.device)
-    from editors.vllms import TINY_NAMES, canonical_name
-    from editors.vllms.paths import resolve_model_path
-
     full = canonical_name(cfg.model_name)
     if full not in TINY_NAMES:
         resolve_model_path(full, cfg.model_path)  # a missing weight folder fails now, not after the data
@@ -380,10 +306,6 @@ def _load_resume(cfg: TrainRunConfig) -> _Resume | None:
     """Read the checkpoint to resume from and check it matches the requested run."""
     if cfg.resume_from is None:
         return None
-    from editors.checkpoint import CHECKPOINTS_DIR, load_trainer_state, read_meta, resolve_checkpoint
-    from editors.vllms import canonical_name
-    from utils.data import canonical_dataset_name
-
     folder, _ = resolve_checkpoint(cfg.resume_from)
     state, meta = load_trainer_state(folder), read_meta(folder)
     parent = os.path.dirname(os.path.abspath(folder))
@@ -407,19 +329,6 @@ def _load_resume(cfg: TrainRunConfig) -> _Resume | None:
     return _Resume(folder=folder, run_dir=os.path.dirname(parent), state=state, meta=meta)
 
 
-def _load_records(cfg: TrainRunConfig) -> list:
-    """The training records (generating the default toy world first for TOY, if none is there)."""
-    from utils.data import canonical_dataset_name, default_data_paths, ensure_toy_data, load_edit_dataset
-
-    name = canonical_dataset_name(cfg.data_name)
-    if name == "TOY":
-        ensure_toy_data(cfg.data_dir)
-    records = load_edit_dataset(name, *default_data_paths(name, "train", cfg.data_dir), limit=cfg.data_limit)
-    if not records:
-        raise UserError(f"the {name} training data under {cfg.data_dir} has no records")
-    return records
-
-
 def _check_resume_fits(cfg: TrainRunConfig, resume: _Resume, num_records: int) -> None:
     """The data must be the checkpoint's, and steps must remain to be run."""
     saved_n = resume.state.get("num_records")
@@ -435,10 +344,6 @@ def _check_resume_fits(cfg: TrainRunConfig, resume: _Resume, num_records: int) -
 
 def _check_editor_config(cls, cfg: TrainRunConfig, resume: _Resume | None) -> None:
     """Read the editor YAML now (not after loading a large backbone): it must exist and parse."""
-    from editors import default_config_path
-    from editors.vllms import canonical_name
-    from utils.config import load_config
-
     if cfg.config_path is None and resume is not None and resume.meta.get("editor_config") is not None:
         return  # the checkpoint's own config is used
     path = cfg.config_path or default_config_path(cfg.editor_name, canonical_name(cfg.model_name))
@@ -451,9 +356,6 @@ def _check_editor_config(cls, cfg: TrainRunConfig, resume: _Resume | None) -> No
 
 def _build_editor(cls, cfg: TrainRunConfig, vllm, resume: _Resume | None):
     """The editor: from --config / the default YAML, or from the checkpoint's config when resuming."""
-    from editors import load_editor
-    from utils.config import config_to_dict, from_dict
-
     saved = resume.meta.get("editor_config") if resume else None
     if saved is not None and cfg.config_path is None:
         return cls(vllm, from_dict(cls.config_class, saved, where=f"{resume.folder}/meta.json editor_config"))
@@ -487,8 +389,6 @@ class Trainer:
             self._restore(resume)
 
     def _restore(self, resume: _Resume) -> None:
-        from editors.checkpoint import load_editor_weights, restore_optimizer
-
         load_editor_weights(self.editor, resume.folder)
         restore_optimizer(self.optimizer, self.scheduler, resume.state, resume.folder)
         self.step = int(resume.state["step"])
@@ -522,8 +422,6 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> str:
-        from editors.checkpoint import save_checkpoint
-
         state = {"step": self.step, "epoch": self.epoch, "ema_loss": self.ema, "loss": self.loss,
                  "seed": self.seed, "batch_size": self.cfg.batch_size, "num_records": self.n,
                  "data_name": self._data_name(), "editor": self.editor.name, "backbone": self.editor.vllm.name}
@@ -532,8 +430,6 @@ class Trainer:
         return self.last_checkpoint
 
     def _data_name(self) -> str:
-        from utils.data import canonical_dataset_name
-
         return canonical_dataset_name(self.cfg.data_name)
 
     # ---- logging ------------------------------------------------------------------------------
@@ -551,11 +447,6 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, run_dir: str) -> TrainResult:
         """Train into `run_dir` (its `checkpoints/` and `logs/`) from the current step to the last."""
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        from editors.checkpoint import CHECKPOINTS_DIR
-
         self.run_dir, self.ckpt_dir = run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)
         start = self.step + 1
         writer = SummaryWriter(os.path.join(self.run_dir, "logs"), purge_step=start if start > 1 else None)
@@ -623,17 +514,13 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
 
     Raises UserError for bad settings or files (before any step) and TrainingInterrupted on Ctrl-C.
     """
-    from editors.vllms import load_vllm
-    from utils.config import config_to_dict
-
     say = echo or (lambda message: None)
-    validate_run_config(cfg)
     cls = _check_names(cfg)
     resume = _load_resume(cfg)
     seed = cfg.seed if cfg.seed is not None else (int(resume.state["seed"]) if resume and "seed" in resume.state
                                                   else time_seed())
     _check_editor_config(cls, cfg, resume)
-    records = _load_records(cfg)
+    _, records = load_split(cfg.data_name, "train", cfg.data_dir, cfg.data_limit)
     if resume is not None:
         _check_resume_fits(cfg, resume, len(records))
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
@@ -657,7 +544,7 @@ def train(cfg: TrainRunConfig) -> str:
     return run_training(cfg).run_dir
 
 
-__all__ = ["TrainRunConfig", "TrainResult", "TrainingInterrupted", "train", "run_training", "validate_run_config",
+__all__ = ["TrainRunConfig", "TrainResult", "TrainingInterrupted", "train", "run_training",
            "epoch_order", "batch_indices", "total_steps", "batch_rng", "step_torch_seed", "steps_per_epoch",
            "BatchPrefetcher",
            "Trainer", "make_run_dir", "write_run_config", "deferred_interrupts"]

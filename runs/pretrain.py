@@ -4,7 +4,7 @@ All weights of the tiny model (vision encoder, bridge, LM) are trained on `pretr
 question type x paraphrase on pictures of every scene, plus the text facts). The result is checked
 on the held-out eval split — the image-locality and text-locality questions and the edit records'
 original answers (`pred`) — and cached under `records/pretrained/<name>-<key>/` so later runs
-reuse it. Same seed, same model. `python -m editors.vllms.pretrain` trains all three and prints
+reuse it. Same seed, same model. `python -m runs.pretrain` trains all three and prints
 the time and accuracies.
 
 What makes the vision side learn in a few CPU minutes (measured on the default toy world, one
@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,9 +43,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from editors.vllms import save_vllm
+from editors.vllms.tiny import TINY_NAMES, TinySpec, build_tiny
+from toyworld.world import QUESTIONS, ensure_toyworld, read_manifest, vqa_prompt
+from utils.data import load_edit_dataset
+from utils.devices import tune_cpu_threads
+from utils.errors import UserError
 from utils.images import ImageCache, load_image
+from utils.io import folder_atomic, write_json_atomic
 from utils.records import Sample
-from .tiny import TinySpec, build_tiny
 
 
 def _default_spec() -> TinySpec:
@@ -121,8 +126,6 @@ class _World:
 
 
 def _load_world(world_dir: str) -> _World:
-    from utils.toyworld import QUESTIONS, vqa_prompt
-
     qtype_of = {vqa_prompt(q): t for t, qs in QUESTIONS.items() for q in qs}
     with open(os.path.join(world_dir, "pretrain.json")) as f:
         items = json.load(f)
@@ -277,8 +280,6 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
 
     Sets torch to one CPU thread (`tune_cpu_threads`). `callback(step, loss, vllm)` runs after
     every optimiser step, steps counted over both phases (phase 1 reports the auxiliary loss)."""
-    from utils.devices import tune_cpu_threads
-
     cfg = cfg or config_for(name)
     if cfg.vision_steps and cfg.aux_weight <= 0:
         raise ValueError("PretrainConfig: vision_steps > 0 needs aux_weight > 0 (phase 1 trains only the aux heads)")
@@ -356,8 +357,6 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
 def toy_accuracy(vllm, world_dir: str, limit: int | None = None, batch_size: int = 64) -> dict[str, float]:
     """Teacher-forced token accuracy of the unedited model on the eval split's true answers
     (`alt`: the counterfactual targets, which should stay low)."""
-    from utils.data import load_edit_dataset
-
     records = load_edit_dataset("TOY", os.path.join(world_dir, "eval.json"), world_dir, limit=limit)
     groups = {
         "image_loc": [r.locality["image_loc"][0] for r in records],
@@ -387,9 +386,6 @@ def ensure_pretrained(name: str, world_dir: str, records_dir: str = "records",
     holds the training seconds, the config and the eval-split accuracies (`toy_accuracy`).
 
     `cfg` defaults to `config_for(name)` (the defaults with `PRETRAIN_OVERRIDES[name]`)."""
-    from utils.toyworld import read_manifest
-    from . import save_vllm
-
     cfg = cfg or config_for(name)
     key = cache_key(name, read_manifest(world_dir) or {}, cfg)
     out = os.path.join(records_dir, "pretrained", f"{name}-{key}")
@@ -400,13 +396,9 @@ def ensure_pretrained(name: str, world_dir: str, records_dir: str = "records",
     seconds = time.time() - start
     report = {"name": name, "seconds": round(seconds, 1), "config": dataclasses.asdict(cfg),
               "eval_accuracy": toy_accuracy(vllm, world_dir)}
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_vllm(vllm, tmp)
-    with open(os.path.join(tmp, "pretrain_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with folder_atomic(out) as tmp:
+        save_vllm(vllm, tmp)
+        write_json_atomic(os.path.join(tmp, "pretrain_report.json"), report, indent=2)
     return out
 
 
@@ -414,12 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from utils.errors import UserError
-    from utils.toyworld import ensure_toyworld
-    from .tiny import TINY_NAMES
-
     parser = argparse.ArgumentParser(
-        prog="python -m editors.vllms.pretrain",
+        prog="python -m runs.pretrain",
         description="Pretrain tiny backbones on the toy world (generated first if needed, default "
                     "sizes) with the default PretrainConfig, one CPU thread; print the training time and "
                     "the eval-split accuracies. Reuses a cached model unless --force.")

@@ -1,0 +1,30 @@
+"""The embedded default: a generated world of small scenes with edits in the MMEdit schema.
+
+`world.py` draws the scenes and writes the data set; `ensure_toy_data` is what `-dna TOY` /
+`-dn TOY` call. This package sits just above `utils/`: it imports nothing from `editors/` or
+`runs/` (the tiny backbones' tokenizer reads its vocabulary; their pretraining is `runs/pretrain.py`).
+"""
+from __future__ import annotations
+
+import os
+
+from utils.errors import UserError
+from .world import corpus_lines, ensure_toyworld, read_manifest, toyworld_args
+
+
+def ensure_toy_data(data_dir: str | os.PathLike = "data") -> str:
+    """The toy world under `data_dir/toyworld`, for `-dna TOY` / `-dn TOY`.
+
+    A toy world already there is kept whatever its size (tests and users make small ones); an
+    outdated version is regenerated with the same arguments; a missing one gets the default size.
+    """
+    out_dir = os.path.join(data_dir, "toyworld")
+    args = (read_manifest(out_dir) or {}).get("args") or {}
+    try:
+        toyworld_args(**args)
+    except (TypeError, UserError):
+        args = {}
+    return str(ensure_toyworld(out_dir, **args))
+
+
+__all__ = ["corpus_lines", "ensure_toy_data", "ensure_toyworld", "read_manifest", "toyworld_args"]
