@@ -386,16 +386,14 @@ def selection(editor, batch) -> dict:
 @torch.no_grad()
 def bench_inference(ctx) -> None:
     vllm, editor, clock, s, repo = ctx.vllm, ctx.editor, ctx.clock, ctx.settings, ctx.editor.repository
-    layer = vllm.layers[editor.config.edit_layer_i]
     stds = reference_stats(editor, make_samples(8, ctx.image_size, seed=2))
-    hook = {"handle": editor._hook}
+    unedited = contextlib.ExitStack()
 
-    def detach():  # the unedited model: no hook at all
-        hook["handle"].remove()
+    def detach():  # the unedited model: every layer edit off (its hook only checks a flag)
+        unedited.enter_context(vllm.unedited())
 
     def attach():
-        hook["handle"] = layer.register_forward_hook(editor._edit_hook)
-        editor._hook = hook["handle"]
+        unedited.close()
 
     for b in s.inference_batches:
         samples = make_samples(b, ctx.image_size, seed=3)
