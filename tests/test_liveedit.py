@@ -200,14 +200,14 @@ def test_repository_grows_by_an_eighth_and_fits_a_large_add_exactly():
 
 @torch.no_grad()
 def test_routed_logits_do_not_depend_on_the_residual_chunk_size(vllm, editor, monkeypatch):
-    import editors.liveedit.editor as liveedit_module
+    import editors.liveedit.features as features_module
 
     samples = requests(5)
     force_routing(editor)
     editor.edit(samples)
     batch = batch_of(vllm, samples)
     whole = vllm(batch)
-    monkeypatch.setattr(liveedit_module, "RESIDUAL_CHUNK_ELEMENTS", 1)  # one expert per chunk
+    monkeypatch.setattr(features_module, "RESIDUAL_CHUNK_ELEMENTS", 1)  # one expert per chunk
     assert torch.allclose(vllm(batch), whole, atol=1e-5)
 
 
