@@ -58,7 +58,8 @@ from bench.bench_eval import measure as measure_eval  # noqa: E402
 from editors.liveedit.config import LiveEditConfig, RetrievalEditorConfig, TrainConfig  # noqa: E402
 from editors.liveedit.editor import LiveEdit  # noqa: E402
 from editors.liveedit.repository import FIELDS, ExpertRepository  # noqa: E402
-from editors.liveedit.routing import gather_spans, paired_similarity  # noqa: E402
+from editors.liveedit.features import prototype_similarity, visual_features  # noqa: E402
+from editors.liveedit.routing import gather_spans  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from runs.results import round_floats  # noqa: E402
 from utils.records import Sample  # noqa: E402
@@ -363,8 +364,9 @@ def forcing_key(editor, batch) -> torch.Tensor:
     h = hidden[rows]
     vision, vision_mask = gather_spans(h, batch.vision_spans[rows])
     query, query_mask = gather_spans(h, batch.query_spans[rows])
-    visual = ext.extract_vision(query, query_mask, vision, vision_mask).float()  # [k, e, md]
-    proto = paired_similarity(visual, ext.extract_from_prototype(query, query_mask).float(), editor.sim_scale)  # [k]
+    visual, summary = visual_features(ext, query, query_mask, vision, vision_mask)  # [k, e, md], as `route`
+    proto = prototype_similarity(ext, visual, query, query_mask, summary, editor.sim_scale).float()  # [k]
+    visual = visual.float()
     e = visual.shape[1]
     margin = float(proto.abs().max()) + 1.0
     wanted = (proto + margin) * e / editor.sim_scale  # <visual_k, w> for each row k
@@ -386,16 +388,14 @@ def selection(editor, batch) -> dict:
 @torch.no_grad()
 def bench_inference(ctx) -> None:
     vllm, editor, clock, s, repo = ctx.vllm, ctx.editor, ctx.clock, ctx.settings, ctx.editor.repository
-    layer = vllm.layers[editor.config.edit_layer_i]
     stds = reference_stats(editor, make_samples(8, ctx.image_size, seed=2))
-    hook = {"handle": editor._hook}
+    unedited = contextlib.ExitStack()
 
-    def detach():  # the unedited model: no hook at all
-        hook["handle"].remove()
+    def detach():  # the unedited model: every layer edit off (its hook only checks a flag)
+        unedited.enter_context(vllm.unedited())
 
     def attach():
-        hook["handle"] = layer.register_forward_hook(editor._edit_hook)
-        editor._hook = hook["handle"]
+        unedited.close()
 
     for b in s.inference_batches:
         samples = make_samples(b, ctx.image_size, seed=3)

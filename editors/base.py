@@ -4,6 +4,12 @@ Contract (as in ROME's): after `restore()` the model computes exactly what it co
 first edit. Edits take effect on every later call of `vllm(batch)` / `vllm.generate(...)`, through
 hooks or weight changes that the editor owns.
 
+Capabilities are declared here, so callers ask the attribute and never probe with getattr/hasattr:
+`supports_batch_edit` (one `edit` call may take a whole chunk), `saves_edits` (`save_edits` /
+`load_edits` work), `needs_training` (a `TrainableEditor` with learned modules). An editor that
+edits a layer's output does it through `self.hook_layer` (the backbone's one hook mechanism), so
+`remove()` can detach it.
+
 Trainable editors add what the generic trainer (`utils/training.py`) needs: their modules, an
 optimiser, a way to turn records into a training batch (no gradient; may run in a prefetch
 thread), and one training step (forward + backward; the trainer steps the optimiser).
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from editors.vllms import VLLM
+from editors.vllms.hooks import EditFn, LayerEdit
 from utils.records import EditRecord, Sample
 
 
@@ -25,11 +32,28 @@ class Editor:
 
     name: ClassVar[str] = ""            # registry key, e.g. "liveedit"
     config_class: ClassVar[type] = object
-    needs_training: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False  # True: a TrainableEditor, needs a trained checkpoint
+    supports_batch_edit: bool = False       # True: `edit` takes a whole chunk at once (a property may decide per config)
+    saves_edits: bool = False               # True: `save_edits` / `load_edits` are implemented
 
     def __init__(self, vllm: VLLM, config):
         self.vllm = vllm
         self.config = config
+        self._layer_edits: list[LayerEdit] = []
+
+    def hook_layer(self, layer: int, fn: EditFn) -> LayerEdit:
+        """Edit decoder layer `layer`'s output through the backbone's hook mechanism (see
+        `editors/vllms/hooks.py`); `remove()` detaches it."""
+        handle = self.vllm.edit_layer(layer, fn)
+        self._layer_edits.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Undo every edit and detach the editor's layer edits from the backbone (it is unusable afterwards)."""
+        self.restore()
+        for handle in self._layer_edits:
+            handle.remove()
+        self._layer_edits.clear()
 
     @property
     def num_edits(self) -> int:
@@ -44,7 +68,7 @@ class Editor:
         raise NotImplementedError
 
     def save_edits(self, directory: str) -> None:
-        """Persist the current edits so `load_edits` can continue a lifelong run."""
+        """Persist the current edits so `load_edits` can continue a lifelong run (if `saves_edits`)."""
         raise NotImplementedError(f"{self.name} cannot save its edits")
 
     def load_edits(self, directory: str) -> None:

@@ -182,8 +182,7 @@ def _fast_inputs(vllm, bank: torch.Tensor, tokenize: Callable, seen: dict | None
 
 def _target_loss(vllm, batch) -> torch.Tensor:
     """Mean cross-entropy of the target tokens (LM head only where a target token is predicted)."""
-    with vllm.running(batch):
-        hidden, _ = vllm.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+    hidden = vllm.last_hidden(batch)  # [b, l, d]
     logits = vllm.stack.lm_head(hidden[batch.label_mask])  # [n, V]
     return F.cross_entropy(logits.float(), batch.labels[batch.label_mask])
 

@@ -45,22 +45,28 @@ def force_routing(editor):
 @torch.no_grad()
 def test_no_edits_gives_bit_identical_logits(vllm, editor):
     batch = batch_of(vllm, requests(3))
-    editor.remove()
+    editor.remove()  # the backbone with no layer edit at all
     unedited = vllm(batch)
-    editor._hook = vllm.layers[editor.config.edit_layer_i].register_forward_hook(editor._edit_hook)
-    assert torch.equal(vllm(batch), unedited)
+    torch.manual_seed(0)
+    fresh = load_editor("liveedit", vllm)
+    try:
+        assert torch.equal(vllm(batch), unedited)
+    finally:
+        fresh.remove()
 
 
 @torch.no_grad()
 def test_edit_changes_routed_rows_and_restore_is_bit_identical(vllm, editor):
+    force_routing(editor)
     samples = requests(4)
     batch = batch_of(vllm, samples)
     before = vllm(batch)
     editor.edit(samples)
     rows, _, _ = editor.route(editor.edit_layer_output(batch), batch)
+    assert rows.tolist() == [0, 1, 2, 3]  # forced: every image row is routed
     after = vllm(batch)
     changed = [(after[i] != before[i]).any().item() for i in range(4)]
-    assert changed == [i in rows.tolist() for i in range(4)]
+    assert changed == [True] * 4
     editor.restore()
     assert editor.num_edits == 0
     assert torch.equal(vllm(batch), before)
@@ -194,14 +200,14 @@ def test_repository_grows_by_an_eighth_and_fits_a_large_add_exactly():
 
 @torch.no_grad()
 def test_routed_logits_do_not_depend_on_the_residual_chunk_size(vllm, editor, monkeypatch):
-    import editors.liveedit.editor as liveedit_module
+    import editors.liveedit.features as features_module
 
     samples = requests(5)
     force_routing(editor)
     editor.edit(samples)
     batch = batch_of(vllm, samples)
     whole = vllm(batch)
-    monkeypatch.setattr(liveedit_module, "RESIDUAL_CHUNK_ELEMENTS", 1)  # one expert per chunk
+    monkeypatch.setattr(features_module, "RESIDUAL_CHUNK_ELEMENTS", 1)  # one expert per chunk
     assert torch.allclose(vllm(batch), whole, atol=1e-5)
 
 
@@ -246,3 +252,67 @@ def test_gather_spans_of_one_row_equals_the_padded_batch_path():
         assert row_mask.all() and row_mask.shape == (1, n)
         assert torch.equal(row[0], padded[i, :n]) and torch.equal(mask[i, :n], row_mask[0])
         assert not mask[i, n:].any() and (padded[i, n:] == 0).all()
+
+
+# ---- the training step (editors/liveedit/training.py) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_records(tmp_path_factory):
+    from utils.data import load_edit_dataset
+    from utils.toyworld import generate_toyworld
+
+    world = tmp_path_factory.mktemp("liveedit_train") / "toyworld"
+    generate_toyworld(world, n_train=4, n_eval=2, n_pretrain_scenes=2)
+    return load_edit_dataset("TOY", world / "train.json", world)
+
+
+def test_training_step_lowers_the_loss_and_only_editor_parameters_get_gradients(toy_records):
+    import numpy as np
+
+    from conftest import tiny_vllm
+    from editors.liveedit.training import prepare_training_batch, training_step
+
+    vllm = tiny_vllm("tiny-blip2")
+    torch.manual_seed(0)
+    editor = load_editor("liveedit", vllm)
+    try:
+        editor.set_train(True)
+        optimizer, scheduler = editor.make_optimizer()
+        batch = prepare_training_batch(editor, toy_records, np.random.default_rng(0))
+        losses = []
+        for step in range(20):
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(training_step(editor, batch)["Loss"])
+            if step == 0:
+                assert all(p.grad is None for p in vllm.parameters())  # the backbone stays frozen
+                params = [(n, p) for m in editor.trainable_modules().values() for n, p in m.named_parameters()]
+                assert [n for n, p in params if p.grad is None or not p.grad.abs().sum() > 0] == []
+            optimizer.step()
+            scheduler.step()
+        falls = sum(later < earlier for earlier, later in zip(losses, losses[1:]))
+        assert losses[-1] < 0.9 * losses[0] and falls >= 15, losses  # 25.5 -> 21.4, falling at 19 of 19 steps
+    finally:
+        editor.set_train(False)
+        editor.remove()
+
+
+@torch.no_grad()
+def test_training_logits_equal_hooked_inference_logits_for_a_selected_expert(vllm, editor):
+    """The training path (`_edited_logits`: residual on cached h_le, layers l_e+1.. only) computes what
+    the layer edit does in `vllm(batch)` when the row selects exactly the edit's expert."""
+    from editors.liveedit.training import SampleGroup, _edited_logits
+
+    force_routing(editor)
+    sample = requests(1)[0]
+    batch = batch_of(vllm, [sample])
+    unedited = vllm(batch)[batch.label_mask]  # [n, V]
+    hidden = editor.edit_layer_output(batch)  # [1, l, D]
+    keys = editor.make_edit_keys(hidden, batch)
+    trained = _edited_logits(editor, SampleGroup(batch, hidden), keys["query_keys"], keys["up"], keys["down"],
+                             torch.ones(1, 1, dtype=torch.bool))  # [n, V]
+    editor.edit([sample])
+    rows, experts, weights = editor.route(hidden, batch)
+    assert rows.tolist() == [0] and experts.tolist() == [0] and 0 < float(weights) < 1
+    inferred = vllm(batch)[batch.label_mask].float()  # [n, V]
+    assert not torch.allclose(inferred, unedited.float(), atol=1e-3)  # the expert does change the logits
+    assert torch.allclose(trained, inferred, atol=1e-5)

@@ -58,7 +58,7 @@ class FineTuneEditor(Editor):
     """Shared loop of FT-L and FT-M; subclasses choose the tuned module."""
 
     config_class = FTConfig
-    needs_training = False
+    saves_edits = True  # the tuned weight (weights change in place: no layer edit, no hook)
     inputs_depend_on_weight = False  # True when the image features pass through the tuned weight
 
     def __init__(self, vllm, config: FTConfig):
@@ -73,7 +73,7 @@ class FineTuneEditor(Editor):
         raise NotImplementedError
 
     @property
-    def supports_batch_edit(self) -> bool:
+    def supports_batch_edit(self) -> bool:  # Editor's capability, decided by the config here
         return self.config.batch_edit
 
     @property

@@ -19,7 +19,7 @@ class NoEditConfig:
 class NoEdit(Editor):
     name = "none"
     config_class = NoEditConfig
-    supports_batch_edit = True
+    supports_batch_edit = True  # counting a chunk at once is the same as one by one
 
     def __init__(self, vllm, config: NoEditConfig):
         super().__init__(vllm, config)

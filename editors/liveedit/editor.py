@@ -2,11 +2,12 @@
 
 Editing a request is one forward pass to layer l_e (no gradient): its vision / query / answer
 representations go through f_eg (expert U, V) and f_fe (routing keys), into the repository.
-At inference a forward hook on layer l_e routes per sample: hard routing keeps experts whose
-visual key beats the learned prototype; soft routing weights them by softmax x sigmoid of the
-query similarity; the residual sum_m c_m ReLU(U_m LN(h)) V_m is added to the layer's output.
-The hook routes once per forward of a batch (and once at the prefill of `generate`, reusing the
-routing for every new token). Rows with no selected expert, and text-only rows, are untouched.
+At inference an edit of layer l_e (the backbone's hook mechanism) routes per sample: hard routing
+keeps experts whose visual key beats the learned prototype; soft routing weights them by softmax x
+sigmoid of the query similarity; the residual sum_m c_m ReLU(U_m LN(h)) V_m is added to the layer's
+output. It routes at every "full" pass and at the "prefill" of `generate`, and reuses that routing
+at the call's "decode" steps. Rows with no selected expert, and text-only rows, are untouched.
+The features, routing and residual come from `features.py`, the path training also takes.
 """
 from __future__ import annotations
 
@@ -21,17 +22,17 @@ from utils.devices import resolve_dtype
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .config import LiveEditConfig
+from .features import expert_residual, prototype_similarity, query_weights, visual_features
 from .modules import ExpertGenerator, FeatureExtractor
 from .repository import ExpertRepository
-from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
-
-RESIDUAL_CHUNK_ELEMENTS = 2 ** 25  # activations + copied experts per residual chunk (128 MiB in float32)
+from .routing import gather_spans, similarity
 
 
 class LiveEdit(TrainableEditor):
     name = "liveedit"
     config_class = LiveEditConfig
-    supports_batch_edit = True
+    supports_batch_edit = True  # one forward for many requests gives the experts of one by one
+    saves_edits = True          # the expert repository (safetensors + manifest)
 
     def __init__(self, vllm, config: LiveEditConfig):
         super().__init__(vllm, config)
@@ -51,10 +52,8 @@ class LiveEdit(TrainableEditor):
         repository_dtype = vllm.dtype if config.repository_dtype == "auto" else resolve_dtype(config.repository_dtype)
         self.repository = ExpertRepository(rc.eqe_n, rc.module_dim, rc.lora_rank, d,
                                            dtype=repository_dtype, device=vllm.device)
-        self._editing = False
-        self._route_cache = None  # (batch, row index, expert index, weights) of the running batch
         self.set_train(False)
-        self._hook = vllm.layers[config.edit_layer_i].register_forward_hook(self._edit_hook)
+        self.hook_layer(config.edit_layer_i, self._edit_hidden)
 
     # ---- Editor API ----------------------------------------------------------------------------
     @property
@@ -67,11 +66,6 @@ class LiveEdit(TrainableEditor):
 
     def restore(self) -> None:
         self.repository.clear()
-        self._route_cache = None
-
-    def remove(self) -> None:
-        """Detach the hook from the backbone (the editor is unusable afterwards)."""
-        self._hook.remove()
 
     @torch.no_grad()
     def edit(self, requests: list[Sample]) -> None:
@@ -98,12 +92,9 @@ class LiveEdit(TrainableEditor):
 
     # ---- edit side -------------------------------------------------------------------------------
     def edit_layer_output(self, batch) -> torch.Tensor:
-        """Output of layer l_e on the UNEDITED model (the hook is off while editing)."""
-        self._editing = True
-        try:
+        """Output of layer l_e on the UNEDITED model (every layer edit off for this pass)."""
+        with self.vllm.unedited():
             return self.vllm.hidden_at_layer(batch, self.config.edit_layer_i)
-        finally:
-            self._editing = False
 
     def make_edit_keys(self, hidden: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         """Routing keys and expert factors of each row: hidden [b, l, D] -> fields of the repository."""
@@ -132,58 +123,40 @@ class LiveEdit(TrainableEditor):
         vision, vision_mask = gather_spans(h, batch.vision_spans[rows])
         query, query_mask = gather_spans(h, batch.query_spans[rows])
         ext = self.inpt_extractor
-        summary = ext.query_summary(query, query_mask)  # [k, e, md], shared by image and prototype
-        visual = ext.read_vision(summary, vision, vision_mask)  # [k, e, md]
+        visual, summary = visual_features(ext, query, query_mask, vision, vision_mask)  # [k, e, md] x2
         visual_sim = similarity(visual, self.repository.view("vision_keys"), self.sim_scale)  # [k, m]
-        prototype_sim = paired_similarity(visual, ext.extract_from_prototype(query, query_mask, summary),
-                                          self.sim_scale)  # [k]
+        prototype_sim = prototype_similarity(ext, visual, query, query_mask, summary, self.sim_scale)  # [k]
         selected = visual_sim > prototype_sim[:, None]  # [k, m] hard routing
         keep_rows = selected.any(dim=1)  # [k]
         experts = selected.any(dim=0).nonzero().flatten()  # [s]
         if len(experts) == 0:
             return empty, empty, hidden.new_zeros(0, 0)
-        query_sim = similarity(ext.extract_query(query[keep_rows], query_mask[keep_rows]),
-                               self.repository.view("query_keys"), self.sim_scale)  # [k', m], no copy of keys
-        weights = soft_weights(query_sim[:, experts], selected[keep_rows][:, experts])  # [k', s]
+        weights = query_weights(ext, query[keep_rows], query_mask[keep_rows], self.repository.view("query_keys"),
+                                selected[keep_rows], self.sim_scale, experts)  # [k', s]
         return rows[keep_rows], experts, weights
 
     def residual(self, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_m c_m ReLU(U_m LN(h)) V_m: hidden [k, l, D], weights [k, s] -> [k, l, D] in hidden's dtype.
+        """sum_m c_m ReLU(U_m LN(h)) V_m of repository experts: hidden [k, l, D], experts [s], weights [k, s]
+        -> [k, l, D] in hidden's dtype; the products in the repository's dtype, in chunks of experts."""
+        repo = self.repository
+        return expert_residual(self.instant_reps_norm, hidden, repo.view("up"), repo.view("down"), weights,
+                               repo.dtype, experts).to(hidden.dtype)  # [k, l, D]
 
-        The matmuls run in the repository's dtype (the backbone's by default), over chunks of experts
-        small enough that each chunk's [k, l, chunk*r] activations and its copied U, V [chunk, r, D]
-        stay under RESIDUAL_CHUNK_ELEMENTS together. At LLaVA shapes, batch 32, all 10,000 experts at
-        once would hold two 3 GB float32 activations; at BLIP-2 shapes, batch 1, a 0.4 GB copy of U, V.
-        """
-        k, l, d = hidden.shape
-        dtype, rank = self.repository.dtype, self.repository.shapes["up"][0]
-        x = self.instant_reps_norm(hidden.to(self.instant_reps_norm.weight.dtype)).to(dtype)  # [k, l, D]
-        weights = weights.to(dtype)
-        step = max(1, RESIDUAL_CHUNK_ELEMENTS // (rank * (k * l + 2 * d)))  # experts per chunk
-        total = None
-        for start in range(0, len(experts), step):
-            part = experts[start:start + step]  # [c]
-            up = self.repository.view("up").index_select(0, part)  # [c, r, D]
-            down = self.repository.view("down").index_select(0, part)
-            term = mixture_residual(x, up, down, weights[:, start:start + step])  # [k, l, D]
-            total = term if total is None else total.add_(term)
-        return total.to(hidden.dtype)
-
-    def _edit_hook(self, module, args, output):
-        batch = self.vllm.active_batch
-        if self._editing or self.is_training or batch is None or len(self.repository) == 0:
-            return output
-        hidden = output[0] if isinstance(output, tuple) else output  # [b, l, D]
-        if hidden.shape[1] == batch.length:  # a full forward, or the prefill of generate()
-            self._route_cache = (batch, *self.route(hidden, batch))
-        elif self._route_cache is None or self._route_cache[0] is not batch:
-            return output  # a decoding step of a batch we did not route
-        _, rows, experts, weights = self._route_cache
+    def _edit_hidden(self, hidden: torch.Tensor, call) -> torch.Tensor | None:
+        """The layer-l_e edit: hidden [b, l, D] -> hidden + residual on the routed rows (None: unchanged)."""
+        if self.is_training or len(self.repository) == 0:
+            return None
+        if call.phase == "decode":  # reuse the routing of this generate call's prefill
+            if "route" not in call.memo:
+                return None
+            rows, experts, weights = call.memo["route"]
+        else:  # "full" or "prefill"
+            rows, experts, weights = call.memo["route"] = self.route(hidden, call.batch)
         if len(rows) == 0:
-            return output
+            return None
         edited = hidden.clone()
         edited[rows] = hidden[rows] + self.residual(hidden[rows], experts, weights)
-        return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
+        return edited
 
     # ---- training (see training.py) ----------------------------------------------------------------
     is_training = False

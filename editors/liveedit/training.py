@@ -6,7 +6,8 @@ samples of a step go through the backbone as one batch): the layer-l_e output of
 reliability / generality / locality sample (the reliability forward doubles as the edit signal)
 and the locality samples' pre-edit log-probabilities on their label positions. A step then runs
 only layers l_e+1..L on h + residual — the correct layer semantics, not the reference code's
-double application of layer l_e (spec §6.11).
+double application of layer l_e (spec §6.11). Routing features, soft weights and the residual
+come from `features.py`, the functions inference calls too.
 
 Losses (all weights 1 by default):
   rel   mean_i NLL(target_new | h_i + residual(experts chosen by rel_mask_i))
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.records import EditRecord, Sample
-from .routing import gather_spans, mixture_residual, paired_similarity, similarity, soft_weights
+from .features import expert_residual, prototype_similarity, query_weights, visual_features
+from .routing import gather_spans, similarity
 
 REL, GEN, LOC = "rel", "gen", "loc"
 
@@ -156,10 +158,10 @@ def _span_reps(editor, group: SampleGroup, part: str, rows=None):
 def _edited_logits(editor, group: SampleGroup, query_keys, up, down, mask) -> torch.Tensor:
     """Logits on the label positions after adding the soft-weighted residual of the masked experts."""
     query, query_mask = _span_reps(editor, group, "query")
-    sim = similarity(editor.inpt_extractor.extract_query(query, query_mask), query_keys, editor.sim_scale)  # [B, C]
-    weights = soft_weights(sim, mask)  # [B, C]
-    hidden = group.hidden.to(_module_dtype(editor))
-    residual = mixture_residual(editor.instant_reps_norm(hidden), up, down, weights)  # [B, l, D]
+    weights = query_weights(editor.inpt_extractor, query, query_mask, query_keys, mask, editor.sim_scale)  # [B, C]
+    dtype = _module_dtype(editor)
+    hidden = group.hidden.to(dtype)
+    residual = expert_residual(editor.instant_reps_norm, hidden, up, down, weights, dtype)  # [B, l, D]
     edited = (hidden + residual).to(group.hidden.dtype)
     return editor.vllm.logits_from_layer(group.batch, edited, editor.config.edit_layer_i,
                                          positions=group.batch.label_mask).float()  # [n, V]
@@ -203,12 +205,10 @@ def _hard_routing_probs(editor, batch, pairs) -> torch.Tensor:
     va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
     vb, vb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "vision")
-    summary = editor.inpt_extractor.query_summary(qa, qa_mask)  # [B, e, md]
-    visual_in = editor.inpt_extractor.read_vision(summary, va, va_mask)  # [B, e, md]
+    visual_in, summary = visual_features(editor.inpt_extractor, qa, qa_mask, va, va_mask)  # [B, e, md] x2
     visual_edit = editor.edit_extractor.extract_vision(qb, qb_mask, vb, vb_mask)  # [B, e, md]
     sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, B]
-    prototype = paired_similarity(visual_in, editor.inpt_extractor.extract_from_prototype(qa, qa_mask, summary),
-                                  editor.sim_scale)  # [B]
+    prototype = prototype_similarity(editor.inpt_extractor, visual_in, qa, qa_mask, summary, editor.sim_scale)  # [B]
     return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, B+1]
 
 

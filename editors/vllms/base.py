@@ -12,8 +12,6 @@ Layout of one row (right padding shown):
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Sequence
 
 import torch
@@ -21,11 +19,8 @@ from torch import nn
 
 from utils.errors import UserError
 from .batch import VLLMBatch, position_ids_from_mask
+from .hooks import EditFn, LayerEdit, LayerHooks, StopForward  # noqa: F401  (StopForward: re-exported)
 from .stack import DecoderStack
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted layer has run."""
 
 
 class VLLM(nn.Module):
@@ -46,7 +41,7 @@ class VLLM(nn.Module):
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
         self.name = name
-        self._running = threading.local()  # per thread: a prefetch thread may run the model too
+        self.hooks = LayerHooks(stack.layers)  # layer edits and the per-thread call they receive
         self.model.eval().requires_grad_(False)
 
     # ---- subclass API -------------------------------------------------------------------------
@@ -61,7 +56,7 @@ class VLLM(nn.Module):
     # ---- properties ---------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        """The LM's decoder layers; hook `layers[l]` to edit layer l."""
+        """The LM's decoder layers (edit one through `edit_layer`, not a torch hook)."""
         return self.stack.layers
 
     @property
@@ -174,44 +169,35 @@ class VLLM(nn.Module):
                          target_spans=spans[2].to(dev), labels=labels, label_mask=label_mask,
                          has_image=torch.tensor(with_image, device=dev))
 
-    # ---- running the LM -----------------------------------------------------------------------
-    @property
-    def active_batch(self) -> VLLMBatch | None:
-        """The batch whose forward runs in this thread (editors' hooks read its spans), or None."""
-        return getattr(self._running, "batch", None)
+    # ---- layer edits ------------------------------------------------------------------------------
+    def edit_layer(self, layer: int, fn: EditFn) -> LayerEdit:
+        """Edit decoder layer `layer`'s output on every later pass: `fn(hidden [b, l, D], call: LayerCall)`
+        returns the new hidden state or None (unchanged). Returns the handle (`.remove()`, or a `with` block)."""
+        return self.hooks.edit(layer, fn)
 
-    @contextlib.contextmanager
-    def running(self, batch: VLLMBatch):
-        """Mark `batch` as the one being run in this thread, so hooks on the decoder layers can read it."""
-        previous, self._running.batch = self.active_batch, batch
-        try:
-            yield
-        finally:
-            self._running.batch = previous
+    def unedited(self):
+        """Context manager: the passes this thread runs inside it have every layer edit off."""
+        return self.hooks.unedited()
+
+    # ---- running the LM -----------------------------------------------------------------------
+    def last_hidden(self, batch: VLLMBatch) -> torch.Tensor:
+        """Final hidden states [b, l, d] (after the final norm) of the whole model, layer edits active."""
+        with self.hooks.running(batch, "full"):
+            hidden, _ = self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+        return hidden
 
     def forward(self, batch: VLLMBatch) -> torch.Tensor:
-        """Logits [b, l, V] of the whole model (editors' hooks active)."""
-        with self.running(batch):
-            hidden, _ = self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
-        return self.stack.lm_head(hidden)
+        """Logits [b, l, V] of the whole model (layer edits active)."""
+        return self.stack.lm_head(self.last_hidden(batch))
 
     def hidden_at_layer(self, batch: VLLMBatch, layer: int) -> torch.Tensor:
-        """Output [b, l, d] of decoder layer `layer` (0-based); later layers are not run."""
-        captured = {}
-
-        def grab(module, args, output):
-            captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise StopForward
-
-        handle = self.layers[layer].register_forward_hook(grab)
-        try:
-            with self.running(batch):
+        """Output [b, l, d] of decoder layer `layer` (0-based, edits on it applied); later layers are not run."""
+        with self.hooks.running(batch, "full") as run, self.hooks.capture(run, layer):
+            try:
                 self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured["h"]
+            except StopForward:
+                pass
+        return run.captured
 
     def logits_from_layer(self, batch: VLLMBatch, hidden: torch.Tensor, layer: int,
                           positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,7 +206,7 @@ class VLLM(nn.Module):
         `positions` ([b, l] bool) keeps only those positions' logits ([n, V]) to save the
         full-vocabulary projection elsewhere.
         """
-        with self.running(batch):
+        with self.hooks.running(batch, "full"):
             final = self.stack.run_from(hidden, batch.attention_mask, batch.position_ids, layer + 1)
         if positions is not None:
             final = final[positions]  # [n, d]
@@ -238,8 +224,10 @@ class VLLM(nn.Module):
         mask, pos = batch.attention_mask, batch.position_ids
         embeds, new_ids = batch.inputs_embeds, []
         done = torch.zeros(batch.size, dtype=torch.bool, device=self.device)
-        with self.running(batch):
-            for _ in range(max_new_tokens):
+        with self.hooks.running(batch, "prefill") as run:
+            for step in range(max_new_tokens):
+                if step:
+                    run.phase, run.step = "decode", step
                 hidden, cache = self.stack.hidden(embeds, mask, pos, cache=cache, use_cache=True)
                 next_ids = self.stack.lm_head(hidden[:, -1]).argmax(-1)  # [b]
                 new_ids.append(torch.where(done, torch.full_like(next_ids, eos), next_ids))
