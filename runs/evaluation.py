@@ -184,7 +184,7 @@ def apply_edits(editor, requests: list[Sample], bar=None) -> list[float]:
     if not requests:
         return []
     device = editor.vllm.device
-    if getattr(editor, "supports_batch_edit", False):
+    if editor.supports_batch_edit:
         _sync(device)
         start = time.perf_counter()
         editor.edit(list(requests))
@@ -315,12 +315,11 @@ def checkpoint_sample(n_edited: int, n_edits: int, cfg: EvalConfig) -> list[int]
 
 def _save_edits(editor, progress: Progress, chunks_done: int) -> bool:
     """Save the editor's edits after `chunks_done` chunks (swapped in atomically); False if unsupported."""
-    try:
-        with folder_atomic(progress.path("edits")) as tmp:
-            editor.save_edits(tmp)
-            write_json_atomic(os.path.join(tmp, EDITS_MARKER), {"chunks_done": chunks_done})
-    except NotImplementedError:
+    if not editor.saves_edits:
         return False
+    with folder_atomic(progress.path("edits")) as tmp:
+        editor.save_edits(tmp)
+        write_json_atomic(os.path.join(tmp, EDITS_MARKER), {"chunks_done": chunks_done})
     return True
 
 
@@ -328,12 +327,9 @@ def _reload_edits(editor, progress: Progress, chunks_done: int) -> bool:
     """Load the saved edits if they were saved after exactly `chunks_done` chunks."""
     final = progress.path("edits")
     marker = os.path.join(final, EDITS_MARKER)
-    if not os.path.isfile(marker) or read_json(marker).get("chunks_done") != chunks_done:
+    if not editor.saves_edits or not os.path.isfile(marker) or read_json(marker).get("chunks_done") != chunks_done:
         return False
-    try:
-        editor.load_edits(final)
-    except NotImplementedError:
-        return False
+    editor.load_edits(final)
     return True
 
 

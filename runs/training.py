@@ -289,7 +289,7 @@ def _check_names(cfg: TrainRunConfig):
 
     Returns the editor class."""
     cls = editor_class(cfg.editor_name)
-    if not getattr(cls, "needs_training", False):
+    if not cls.needs_training:
         raise UserError(f"editor {cfg.editor_name!r} needs no training (it edits without learned modules); "
                         f"evaluate it directly with test_vllm_edit.py")
     canonical_dataset_name(cfg.data_name)

@@ -68,6 +68,7 @@ class CountingEditor(Editor):
         super().__init__(vllm, None)
         self.calls, self.loads, self._n = 0, 0, 0
         self.fail_on, self.can_save = fail_on, can_save
+        self.saves_edits = can_save
 
     @property
     def num_edits(self) -> int:
