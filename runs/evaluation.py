@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from utils.errors import UserError
 from utils.io import folder_atomic, read_json, write_json_atomic
+from utils.memory import peak_memory, reset_peak
 from utils.names import safe_name_part
 from utils.records import EditRecord, Sample
 from utils.scoring import decode, exact_match, generate_answers, teacher_forced, token_accuracy
@@ -373,6 +374,7 @@ def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutc
     run = _Run(editor, records, cfg, chunks, progress, ScalarLog(folder, cfg.tensorboard and done < len(chunks)),
                config=config)
     editor.restore()
+    reset_peak(editor.vllm.device)
     try:
         if done < len(chunks):
             if cfg.lifelong:
@@ -523,11 +525,13 @@ def _run_info(run: _Run, chunks: list[dict], chunks_run: int, chunks_resumed: in
             "chunks": len(chunks), "chunks_run": chunks_run, "chunks_resumed": chunks_resumed,
             "total_edit_n": edits, "total_edit_time_s": edit_time,
             "edits_per_s": edits / edit_time if edit_time > 0 else None,
+            "edit_time_per_edit_s": edit_time / edits if edits else None,
             "scoring_time_s": score_time, "scored_records": scored, "scored_samples": samples,
             "records_per_s": scored / score_time if score_time > 0 else None,
             "samples_per_s": samples / score_time if score_time > 0 else None,
             "prepare_time_s": sum(c.get("prepare_time_s", 0.0) for c in chunks),
             "edits_saved": os.path.isdir(run.progress.path("edits")) if run.cfg.lifelong else None,
+            **peak_memory(run.vllm.device),  # of this call (a resumed run measures only what it ran)
             "finished": time.time(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 

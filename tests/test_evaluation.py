@@ -242,6 +242,9 @@ def test_json_layout_matches_spec(llava, records, tmp_path):
     assert [list(s)[-1] for s in means["split_mean"]] == ["sequential_edit_n"] * 2
     for key in ("config", "total_edit_time_s", "edits_per_s", "records_per_s", "device"):
         assert key in means["run"]
+    run = means["run"]  # what the tables read: time per edit and peak memory
+    assert abs(run["edit_time_per_edit_s"] - run["total_edit_time_s"] / run["total_edit_n"]) <= 2e-4
+    assert run["peak_kind"] == "process_rss" and run["peak_mb"] > 50  # torch alone takes more
     assert all(round(x, 4) == x for x in floats(results) + floats(means))
     plain = evaluate(CountingEditor(llava), recs, config(tmp_path, 2, exact_match=False, eval_name_postfix="x"))
     assert "exact_match" not in json.dumps(read(plain.folder, "results.json"))
