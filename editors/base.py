@@ -35,6 +35,7 @@ class Editor:
     needs_training: ClassVar[bool] = False  # True: a TrainableEditor, needs a trained checkpoint
     supports_batch_edit: bool = False       # True: `edit` takes a whole chunk at once (a property may decide per config)
     saves_edits: bool = False               # True: `save_edits` / `load_edits` are implemented
+    edits_text_only: bool = True            # False: every request needs an image (LiveEdit's hard routing)
 
     def __init__(self, vllm: VLLM, config):
         self.vllm = vllm

@@ -50,6 +50,15 @@ class EvalConfig:
                            help="discard earlier results of this run and start over")
     exact_match: bool = flag("--exact_match", default=True,
                              help="also score greedy generation by exact match (default on)")
+    keep_partial_chunk: bool = flag("--keep_partial_chunk", default=False,
+                                    help="also evaluate the trailing chunk with fewer than -sen edits (default: drop "
+                                         "it, as the authors' split_data does, so totals match the paper's; "
+                                         "--lifelong always edits every record)")
+    portability_second_edit: bool = flag(
+        "--portability_second_edit", default=True,
+        help="VLKEB one-hop (-dn VLKEB-ONEHOP): after each record's edit, make VLKEB's second, text-only edit "
+             "port_edit_q -> port_edit_a before port_q is scored against port_a (default on, as VLKEB "
+             "evaluates); --no-portability_second_edit scores port_q after the main edit only")
     results_dir: str = flag("--results_dir", default="eval_results", help="root folder of the results")
     seed: int = flag("--seed", default=0, help="seeds torch, numpy and the lifelong checkpoint sample")
     show_progress: bool = flag("--no_progress", default=True, action="store_false",

@@ -100,8 +100,12 @@ def record_items(records: Sequence[EditRecord], positions: Iterable[int]) -> lis
     return items
 
 
-def split_into_chunks(records: Sequence[EditRecord], edit_n: int) -> list[list[int]]:
-    """Record positions per chunk; a chunk closes once it holds `edit_n` requests (last may be partial)."""
+def split_into_chunks(records: Sequence[EditRecord], edit_n: int, keep_partial: bool = False) -> list[list[int]]:
+    """Record positions per chunk; a chunk closes once it holds `edit_n` requests.
+
+    A trailing chunk with fewer requests is dropped, as the authors' `split_data` does (so totals
+    match the paper's), unless `keep_partial`. No full chunk at all is a UserError.
+    """
     if edit_n < 1:
         raise UserError(f"sequential_edit_n must be at least 1, got {edit_n} (-sen)")
     chunks, current, count = [], [], 0
@@ -111,8 +115,11 @@ def split_into_chunks(records: Sequence[EditRecord], edit_n: int) -> list[list[i
         if count >= edit_n:
             chunks.append(current)
             current, count = [], 0
-    if current:
+    if current and keep_partial:
         chunks.append(current)
+    if not chunks:
+        raise UserError(f"{len(records)} records hold fewer than -sen {edit_n} edits, so there is no full chunk: "
+                        f"lower -sen, read more records (-dsn), or pass --keep_partial_chunk")
     return chunks
 
 
@@ -205,9 +212,26 @@ def apply_edits(editor, requests: list[Sample], bar=None) -> list[float]:
     return times
 
 
-def _requests(records: Sequence[EditRecord], positions: Iterable[int]) -> list[tuple[str, Sample]]:
-    """(reliability item key, request) of every request of the records, in edit order."""
-    return [(f"{pos}/reliability/None/{i}", s) for pos in positions for i, s in enumerate(records[pos].requests)]
+def _is_main_edit(key: str) -> bool:
+    return "/reliability/" in key
+
+
+def _edit_units(run: "_Run", positions: Iterable[int]) -> list[tuple[str, Sample]]:
+    """Every edit of the records at `positions` in order: each record's requests, then (VLKEB one-hop,
+    `portability_second_edit`) its second, text-only edits port_edit_q -> port_edit_a.
+
+    An editor that cannot edit text-only requests (LiveEdit's hard routing needs an image) gets the
+    second edit with the record's image; the results say so (`run.portability_edit_image`).
+    """
+    units = []
+    for pos in positions:
+        record = run.records[pos]
+        units += [(f"{pos}/reliability/None/{i}", s) for i, s in enumerate(record.requests)]
+        if run.cfg.portability_second_edit:
+            image = None if run.editor.edits_text_only else record.requests[0].image
+            units += [(f"{pos}/portability_edit/None/{i}", Sample(s.prompt, s.target, image))
+                      for i, s in enumerate(record.portability_edits)]
+    return units
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -238,6 +262,8 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
                 "data_sample_n": cfg.data_sample_n, "editor_checkpoint": cfg.editor_checkpoint,
                 "editor_config": editor_config, "n_records": len(records),
                 "data_fingerprint": data_fingerprint(records)}
+    identity["protocol"] = {"keep_partial_chunk": cfg.keep_partial_chunk,
+                            "portability_second_edit": cfg.portability_second_edit}
     if cfg.lifelong:
         identity["lifelong_sample_n"] = cfg.lifelong_sample_n
     return json.loads(json.dumps(identity))
@@ -369,7 +395,7 @@ def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutc
         progress.clear()
     config = dataclasses.asdict(cfg) | {"device": str(editor.vllm.device)}
     progress.start(run_identity(cfg, editor, records, editor_name, model_name), config)
-    chunks = split_into_chunks(records, cfg.sequential_edit_n)
+    chunks = split_into_chunks(records, cfg.sequential_edit_n, keep_partial=cfg.keep_partial_chunk or cfg.lifelong)
     done = progress.finished_chunks(len(chunks))
     run = _Run(editor, records, cfg, chunks, progress, ScalarLog(folder, cfg.tensorboard and done < len(chunks)),
                config=config)
@@ -404,7 +430,7 @@ def _chunk(run: _Run, k: int) -> dict:
     pre = predict_before_edit(run.vllm, loc_items, run.cfg)
     prepare_time = time.perf_counter() - start
     try:
-        edit_times = _edit(run, _requests(run.records, positions))
+        edit_times = _edit(run, _edit_units(run, positions))
         results, score_time = _score(run, positions, pre, edit_times)
     finally:
         run.editor.restore()
@@ -428,8 +454,11 @@ def _summary(k: int, positions: list[int], results: list[dict], edit_times: dict
              prepare_time: float) -> dict:
     n_samples = sum(len(v) if isinstance(v, list) else sum(map(len, v.values()))
                     for r in results for v in r.values())
-    return {"chunk": k, "positions": positions, "n_edits": len(edit_times),
-            "edit_time_s": float(sum(edit_times.values())), "score_time_s": score_time,
+    main = {key: t for key, t in edit_times.items() if _is_main_edit(key)}
+    second = [t for key, t in edit_times.items() if not _is_main_edit(key)]
+    return {"chunk": k, "positions": positions, "n_edits": len(main),
+            "edit_time_s": float(sum(main.values())), "n_second_edits": len(second),
+            "second_edit_time_s": float(sum(second)), "score_time_s": score_time,
             "prepare_time_s": prepare_time, "n_scored_records": len(results), "n_scored_samples": n_samples,
             "mean": mean_results(results), "results": results}
 
@@ -448,7 +477,7 @@ def _lifelong_setup(run: _Run, done: int) -> None:
     total = sum(len(r.requests) for r in run.records)
     run.checkpoints = lifelong_checkpoints(total)
     if done and not _reload_edits(run.editor, run.progress, done):
-        replay = [s for k in range(done) for _, s in _requests(run.records, run.chunks[k])]
+        replay = [s for k in range(done) for _, s in _edit_units(run, run.chunks[k])]
         bar = tqdm(total=len(replay), desc="replaying edits", unit="edit", leave=False,
                    disable=not run.cfg.show_progress)
         apply_edits(run.editor, replay, bar)
@@ -458,16 +487,22 @@ def _lifelong_setup(run: _Run, done: int) -> None:
 def _lifelong_chunk(run: _Run, k: int) -> dict:
     """Edits of chunk k on top of all earlier ones, stopping at checkpoints; then score and save."""
     positions = run.chunks[k]
-    requests = _requests(run.records, positions)
+    units = _edit_units(run, positions)
+    # units[:after_main[m]] holds the first m main edits and the second edits that follow them
+    after_main = [0] + [i + 1 for i, (key, _) in enumerate(units) if _is_main_edit(key)]
+    for m in range(1, len(after_main)):
+        while after_main[m] < len(units) and not _is_main_edit(units[after_main[m]][0]):
+            after_main[m] += 1
+    n_main = len(after_main) - 1
     before = sum(len(run.records[p].requests) for c in run.chunks[:k] for p in c)
     # cumulative edit count after each record of this chunk (a record counts once all its requests are in)
     ends = np.cumsum([len(run.records[p].requests) for p in positions]) + before
     edit_times: dict[str, float] = {}
     cut = 0
-    stops = sorted({c for c in run.checkpoints if before < c <= before + len(requests)} | {before + len(requests)})
+    stops = sorted({c for c in run.checkpoints if before < c <= before + n_main} | {before + n_main})
     for n in stops:
-        edit_times |= _edit(run, requests[cut:n - before])
-        cut = n - before
+        edit_times |= _edit(run, units[cut:after_main[n - before]])
+        cut = after_main[n - before]
         if n in run.checkpoints and not os.path.isfile(run.progress.checkpoint_path(n)):
             n_edited = positions[0] + int(np.searchsorted(ends, n, side="right"))
             _checkpoint(run, n, n_edited)
@@ -531,6 +566,10 @@ def _run_info(run: _Run, chunks: list[dict], chunks_run: int, chunks_resumed: in
             "samples_per_s": samples / score_time if score_time > 0 else None,
             "prepare_time_s": sum(c.get("prepare_time_s", 0.0) for c in chunks),
             "edits_saved": os.path.isdir(run.progress.path("edits")) if run.cfg.lifelong else None,
+            "records_not_scored": len(run.records) - sum(len(c) for c in run.chunks),  # the dropped partial chunk
+            "second_edits": sum(c.get("n_second_edits", 0) for c in chunks),
+            "second_edit_image": ("text-only" if run.editor.edits_text_only else "the record's image (the editor "
+                                  "cannot edit text-only requests)") if run.cfg.portability_second_edit else None,
             **peak_memory(run.vllm.device),  # of this call (a resumed run measures only what it ran)
             "finished": time.time(), "torch": torch.__version__, "transformers": transformers.__version__}
 

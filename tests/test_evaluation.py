@@ -164,13 +164,25 @@ def test_sen_equal_to_data_size_gives_one_chunk(llava, records, tmp_path):
     assert out.total_mean["total_edit_n"] == len(records)
 
 
-def test_partial_trailing_chunk_is_kept(llava, records, tmp_path):
+def test_partial_trailing_chunk_is_dropped_as_the_authors_do_unless_kept(llava, records, tmp_path):
     five = records[:5]
-    assert [len(c) for c in split_into_chunks(five, 2)] == [2, 2, 1]
+    assert [len(c) for c in split_into_chunks(five, 2)] == [2, 2]
+    assert [len(c) for c in split_into_chunks(five, 2, keep_partial=True)] == [2, 2, 1]
     out = evaluate(CountingEditor(llava), five, config(tmp_path, 2))
-    assert [s["sequential_edit_n"] for s in read(out.folder, "mean_results.json")["split_mean"]] == [2, 2, 1]
-    assert [len(c) for c in read(out.folder, "results.json")] == [2, 2, 1]
-    assert out.total_mean["total_edit_n"] == 5
+    assert [len(c) for c in read(out.folder, "results.json")] == [2, 2]
+    assert out.total_mean["total_edit_n"] == 4 and out.run["records_not_scored"] == 1
+    kept = evaluate(CountingEditor(llava), five, config(tmp_path, 2, keep_partial_chunk=True, eval_name_postfix="kept"))
+    assert [s["sequential_edit_n"] for s in read(kept.folder, "mean_results.json")["split_mean"]] == [2, 2, 1]
+    assert kept.total_mean["total_edit_n"] == 5 and kept.run["records_not_scored"] == 0
+    run = read(kept.folder, "mean_results.json")["run"]
+    assert run["identity"]["protocol"]["keep_partial_chunk"] is True
+
+
+def test_sen_100_over_250_records_scores_200_edits(llava, records):
+    many = [records[i % len(records)] for i in range(250)]
+    assert sum(len(c) for c in split_into_chunks(many, 100)) == 200
+    with pytest.raises(UserError, match="--keep_partial_chunk"):
+        split_into_chunks(many[:50], 100)
 
 
 def test_sen_1_scores_each_record_right_after_its_own_edit(llava, records, tmp_path):
@@ -223,7 +235,7 @@ def test_scoring_functions_are_batch_invariant(llava, records):
 def test_json_layout_matches_spec(llava, records, tmp_path):
     port = [Sample("what is the shape? The answer is:", "circle", records[0].requests[0].image)]
     recs = [records[0].__class__(**{**records[0].__dict__, "portability": port})] + list(records[1:3])
-    out = evaluate(CountingEditor(llava), recs, config(tmp_path, 2))
+    out = evaluate(CountingEditor(llava), recs, config(tmp_path, 2, keep_partial_chunk=True))
     results, means = read(out.folder, "results.json"), read(out.folder, "mean_results.json")
     first = results[0][0]
     assert list(first) == ["generality", "locality", "portability", "reliability"]
@@ -254,7 +266,7 @@ def test_json_layout_matches_spec(llava, records, tmp_path):
 def test_batch_edit_editor_gets_one_call_per_chunk(llava, records, tmp_path):
     editor = CountingEditor(llava)
     editor.supports_batch_edit = True
-    out = evaluate(editor, records[:5], config(tmp_path, 2, exact_match=False))
+    out = evaluate(editor, records[:5], config(tmp_path, 2, exact_match=False, keep_partial_chunk=True))
     assert editor.calls == 3
     times = [{r["reliability"][0]["edit_time"] for r in chunk} for chunk in read(out.folder, "results.json")]
     assert [len(t) for t in times] == [1, 1, 1]  # a batched call's time is split evenly
@@ -416,7 +428,7 @@ def test_cli_end_to_end_on_toy_with_ft_l(tmp_path, monkeypatch, capsys):
     generate_toyworld(str(tmp_path / "data" / "toyworld"), n_train=2, n_eval=5, n_pretrain_scenes=2)  # kept as is
     rc = module.main(["-en", "FT_L", "-mn", "tiny-llava", "-sen", "3", "-dn", "toy", "--data_dir",
                       str(tmp_path / "data"), "--results_dir", str(tmp_path / "res"), "--no_progress",
-                      "--eval_batch_size", "8"])
+                      "--eval_batch_size", "8", "--keep_partial_chunk"])
     out = capsys.readouterr().out
     assert rc == 0, out
     folder = os.path.join(str(tmp_path / "res"), "ft_l", "tiny-llava", "TOY", "sequential_edit_3")

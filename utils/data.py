@@ -41,6 +41,7 @@ REQUIRED_FIELDS = ("src", "rephrase", "alt", "image", "image_rephrase",
 OPTIONAL_FIELDS = ("pred",)
 PORTABILITY_FIELD = "port_new"
 PORTABILITY_ITEM_FIELDS = ("port_q", "port_a")
+PORTABILITY_EDIT_FIELDS = ("port_edit_q", "port_edit_a")  # VLKEB's second edit; optional
 
 _MAX_LISTED_PROBLEMS = 10
 _MAX_LISTED_IMAGES = 5
@@ -275,7 +276,8 @@ def _portability_problems(raw: dict) -> list[str]:
         if not isinstance(item, dict):
             problems.append(f"field '{name}': must be an object, got a JSON {_json_type(item)}")
             continue
-        for field in PORTABILITY_ITEM_FIELDS:
+        present = [f for f in PORTABILITY_EDIT_FIELDS if f in item]
+        for field in PORTABILITY_ITEM_FIELDS + (PORTABILITY_EDIT_FIELDS if present else ()):
             problem = _text_field_problem(item, field, _field_role(field))
             if problem:
                 problems.append(f"field '{name}.{field}': {problem}")
@@ -284,7 +286,7 @@ def _portability_problems(raw: dict) -> list[str]:
 
 def _field_role(field: str) -> str:
     """A short description of what a field is for, used in error messages."""
-    if field in TARGET_FIELDS or field == "port_a":
+    if field in TARGET_FIELDS or field in ("port_a", "port_edit_a"):
         return "target answer"
     if field in IMAGE_FIELDS:
         return "image path relative to the image root"
@@ -363,6 +365,7 @@ def _build_record(
                                  _join_image(image_root, raw["m_loc"]))],
         },
         portability=_portability_samples(raw, image) if with_portability else [],
+        portability_edits=_portability_edits(raw) if with_portability else [],
         original_answer=raw.get("pred"),
         index=index,
     )
@@ -371,3 +374,11 @@ def _build_record(
 def _portability_samples(raw: dict, image: str) -> list[Sample]:
     """One (request image, port_q, port_a) sample per `port_new` item."""
     return [Sample(item["port_q"], item["port_a"], image) for item in raw[PORTABILITY_FIELD]]
+
+
+def _portability_edits(raw: dict) -> list[Sample]:
+    """VLKEB's second edit per `port_new` item: text-only (port_edit_q, port_edit_a); [] if the file has none."""
+    items = raw[PORTABILITY_FIELD]
+    if not all(all(f in item for f in PORTABILITY_EDIT_FIELDS) for item in items):
+        return []
+    return [Sample(item["port_edit_q"], item["port_edit_a"], None) for item in items]

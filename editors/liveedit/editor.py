@@ -33,6 +33,7 @@ class LiveEdit(TrainableEditor):
     config_class = LiveEditConfig
     supports_batch_edit = True  # one forward for many requests gives the experts of one by one
     saves_edits = True          # the expert repository (safetensors + manifest)
+    edits_text_only = False     # hard routing keys are visual: every request needs an image
 
     def __init__(self, vllm, config: LiveEditConfig):
         super().__init__(vllm, config)
