@@ -34,18 +34,65 @@ def default_config_path(editor_name: str, vllm_name: str) -> str:
     return os.path.join(CONFIG_DIR, editor_name.strip().lower(), f"{vllm_name}.yaml")
 
 
-def load_editor(name: str, vllm, config_path: str | None = None, checkpoint: str | None = None):
-    """Build editor `name` on backbone `vllm` from its YAML config; load trained weights if given."""
+def has_trained_modules(cls) -> bool:
+    """Whether editor class `cls` has learned modules (so a checkpoint can be loaded into it)."""
+    return callable(getattr(cls, "trainable_modules", None))
+
+
+def editor_config(name: str, backbone: str, config_path: str | None = None, checkpoint=None):
+    """The config to build editor `name` on `backbone` with.
+
+    With a checkpoint (a `PinnedCheckpoint`) that records its config (meta.json `editor_config`):
+    that config; a `config_path` that differs from it is refused, naming the differing keys.
+    Otherwise (no checkpoint, or one without a config such as the authors' files): the YAML at
+    `config_path`, else `configs/<name>/<backbone>.yaml`.
+    """
+    from utils.config import config_to_dict, from_dict
+
     cls = editor_class(name)
-    path = config_path or default_config_path(name, vllm.name)
     if not dataclasses.fields(cls.config_class):  # nothing to configure
-        return cls(vllm, cls.config_class())
+        return cls.config_class()
+    saved = checkpoint.editor_config if checkpoint is not None else None
+    if saved is not None:
+        config = from_dict(cls.config_class, saved, where=f"{checkpoint.described_by} editor_config")
+        if config_path is not None:
+            from editors.checkpoint import config_differences
+
+            differing = config_differences(config_to_dict(config),
+                                           config_to_dict(load_config(cls.config_class, config_path)))
+            if differing:
+                raise UserError(f"--config {config_path} differs from the config checkpoint {checkpoint.path} was "
+                                f"trained with (keys: {', '.join(differing)}); drop --config to use the "
+                                f"checkpoint's own config")
+        return config
+    path = config_path or default_config_path(name, backbone)
     if not os.path.isfile(path):
-        raise UserError(f"no config for editor {name} on backbone {vllm.name}: {path} is missing "
+        raise UserError(f"no config for editor {name} on backbone {backbone}: {path} is missing "
                         f"(pass --config or add that file)")
-    editor = cls(vllm, load_config(cls.config_class, path))
+    return load_config(cls.config_class, path)
+
+
+def load_editor(name: str, vllm, config_path: str | None = None, checkpoint=None):
+    """Build editor `name` on backbone `vllm`; load trained weights if `checkpoint` is given.
+
+    `checkpoint` is a path (step folder, run folder = its latest step, editor.safetensors, the
+    authors' torch.save file) or a `PinnedCheckpoint`. The editor is built from the config the
+    checkpoint records when it records one (see `editor_config`), else from the YAML. A checkpoint
+    for another editor or backbone, or for an editor without trained modules, is refused.
+    """
+    cls = editor_class(name)
+    pinned = None
     if checkpoint:
+        from editors.checkpoint import PinnedCheckpoint, check_checkpoint_fits, pin_checkpoint
+
+        if not has_trained_modules(cls):
+            raise UserError(f"editor {name} has no trained modules, so it takes no checkpoint; drop the "
+                            f"checkpoint ({checkpoint if isinstance(checkpoint, str) else checkpoint.path})")
+        pinned = checkpoint if isinstance(checkpoint, PinnedCheckpoint) else pin_checkpoint(checkpoint)
+        check_checkpoint_fits(pinned, name, vllm.name)
+    editor = cls(vllm, editor_config(name, vllm.name, config_path, pinned))
+    if pinned is not None:
         from editors.checkpoint import load_editor_weights
 
-        load_editor_weights(editor, checkpoint)
+        load_editor_weights(editor, pinned)
     return editor

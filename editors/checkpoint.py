@@ -14,13 +14,20 @@ Writes are atomic: a checkpoint is written into a hidden temporary sibling folde
 into place, and `meta.json` is its last file. A kill during a write leaves the previous
 checkpoints untouched and no folder that looks finished; readers ignore folders without
 `meta.json` and hidden folders.
+
+Evaluation pins a checkpoint once (`pin_checkpoint`): a run folder becomes the real path of the
+step folder its `latest` names at that moment, so a run that resumes later cannot mix two
+checkpoints. The authors' `torch.save` files (`{"train_modules": {...}, ...}`) load as well
+(`editors/authors_checkpoint.py`); `python -m editors.checkpoint convert` turns one into a step folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -205,6 +212,120 @@ def read_meta(folder: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Pinning: one concrete checkpoint, resolved once
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PinnedCheckpoint:
+    """A checkpoint path resolved once to what it names on disk now (a later `latest` cannot move it).
+
+    kind "step": a step folder (`path`), its weights in `file` = `path/editor.safetensors`;
+    kind "safetensors": a lone .safetensors file (`path` = `file`);
+    kind "authors": the authors' torch.save file (`path` = `file`), its tensors read into `tensors`.
+    `meta` is meta.json (step folders) merged over the safetensors header metadata; {} for the
+    authors' files, which record neither editor, backbone nor config.
+    """
+
+    path: str
+    file: str
+    kind: str
+    meta: dict
+    tensors: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def editor(self) -> str | None:
+        return self.meta.get("editor") or None
+
+    @property
+    def backbone(self) -> str | None:
+        return self.meta.get("backbone") or None
+
+    @property
+    def editor_config(self) -> dict | None:
+        config = self.meta.get("editor_config")
+        return config if isinstance(config, dict) else None
+
+    @property
+    def described_by(self) -> str:
+        """Where editor / backbone / config were read from, for messages."""
+        return os.path.join(self.path, META_FILE) if self.kind == "step" else self.file
+
+
+def locate_checkpoint(path: str) -> tuple[str, str, str]:
+    """(kind, real path, weights file) of any accepted checkpoint path; reads no weights.
+
+    A run folder, a `checkpoints/` folder or its `latest` file become the real path of the step
+    folder named now; an `editor.safetensors` inside a finished step folder becomes that folder.
+    Any other file is a lone .safetensors file or (any other name) the authors' torch.save format.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint path does not exist: {path}")
+    if os.path.isfile(path) and os.path.basename(path) == LATEST_FILE:
+        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        if os.path.basename(real) == EDITOR_FILE and is_finished(folder):
+            return "step", folder, real
+        return ("safetensors" if real.endswith(".safetensors") else "authors"), real, real
+    folder = os.path.realpath(find_latest(path))
+    return "step", folder, os.path.join(folder, EDITOR_FILE)
+
+
+def pin_checkpoint(path: str) -> PinnedCheckpoint:
+    """Resolve `path` once and read what describes it (meta.json, header; the authors' tensors).
+
+    Cheap: no safetensors weights are read. An authors' file is opened with
+    `torch.load(weights_only=True, mmap=True)` here, so a file that needs unpickling of arbitrary
+    objects is refused before any backbone is loaded.
+    """
+    kind, real, file = locate_checkpoint(path)
+    if kind == "authors":
+        from editors.authors_checkpoint import read_authors_file
+
+        return PinnedCheckpoint(real, file, kind, {}, read_authors_file(file))
+    meta = {**_header_metadata(file), **(read_meta(real) if kind == "step" else {})}
+    return PinnedCheckpoint(real, file, kind, meta)
+
+
+def _header_metadata(file: str) -> dict:
+    """The string metadata in a safetensors header ({} when unreadable: loading reports that)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a corrupt file is reported when its tensors are read
+        return {}
+
+
+def check_checkpoint_fits(pinned: PinnedCheckpoint, editor_name: str, backbone: str) -> None:
+    """Refuse a checkpoint recorded for another editor or another backbone (its tensors might fit)."""
+    editor_name = editor_name.strip().lower()
+    if pinned.editor is not None and pinned.editor != editor_name:
+        raise UserError(f"checkpoint {pinned.path} was trained for editor {pinned.editor}, not {editor_name} "
+                        f"({pinned.described_by}); evaluate it with -en {pinned.editor} or give a {editor_name} "
+                        f"checkpoint")
+    if pinned.backbone is not None and pinned.backbone != backbone:
+        raise UserError(f"checkpoint {pinned.path} was trained on backbone {pinned.backbone}, not {backbone} "
+                        f"({pinned.described_by}); use -mn {pinned.backbone} or a checkpoint trained on {backbone}")
+
+
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (nested dicts are walked)."""
+    saved, given = json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(given, default=str))
+    keys = []
+    for key in sorted(set(saved) | set(given)):
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
@@ -221,29 +342,34 @@ def read_editor_file(file: str) -> dict[str, torch.Tensor]:
                         f"use another checkpoint (e.g. the run folder's previous step-N)") from exc
 
 
-def load_editor_weights(editor, path: str) -> str:
+def load_editor_weights(editor, path: "str | PinnedCheckpoint") -> str:
     """Load trained weights into `editor`'s trainable modules; returns the file that was read.
 
-    `path` is a step folder, its editor.safetensors, or a run folder (its latest checkpoint).
-    Every key must be present with the right shape; otherwise one UserError lists the missing,
-    unexpected and mis-shaped keys and says which editor/backbone the checkpoint was made for.
+    `path` is a step folder, its editor.safetensors, a run folder (its latest checkpoint), the
+    authors' torch.save file, or a `PinnedCheckpoint`. A checkpoint recorded for another editor or
+    backbone is refused; every key must be present with the right shape, otherwise one UserError
+    lists the missing, unexpected and mis-shaped keys.
     """
-    folder, file = resolve_checkpoint(path)
-    loaded = read_editor_file(file)
+    if not callable(getattr(editor, "trainable_modules", None)):
+        raise UserError(f"editor {editor.name} has no trained modules, so it takes no checkpoint")
+    pinned = path if isinstance(path, PinnedCheckpoint) else pin_checkpoint(path)
+    backbone = getattr(getattr(editor, "vllm", None), "name", None)
+    check_checkpoint_fits(pinned, editor.name, backbone if backbone is not None else pinned.backbone)
+    loaded = pinned.tensors if pinned.tensors is not None else read_editor_file(pinned.file)
     modules = editor.trainable_modules()
     expected = {f"{name}.{key}": (name, key, value) for name, module in modules.items()
                 for key, value in module.state_dict().items()}
     problems = _key_problems(editor, loaded, expected)
     if problems:
-        raise UserError(f"checkpoint {file} does not fit this editor: " + "; ".join(problems)
-                        + _trained_for(folder, editor))
+        raise UserError(f"checkpoint {pinned.file} does not fit this editor: " + "; ".join(problems)
+                        + _trained_for(pinned, editor))
     per_module: dict[str, dict] = {name: {} for name in modules}
     for full_key, (name, key, _) in expected.items():
         per_module[name][key] = loaded[full_key]
     with torch.no_grad():
         for name, module in modules.items():
             module.load_state_dict(per_module[name], strict=True)
-    return file
+    return pinned.file
 
 
 def _key_problems(editor, loaded: dict, expected: dict) -> list[str]:
@@ -269,12 +395,14 @@ def _short_list(keys: list[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def _trained_for(folder: str, editor) -> str:
-    meta = read_meta(folder)
-    if not meta:
+def _trained_for(pinned: PinnedCheckpoint, editor) -> str:
+    if pinned.kind == "authors":
+        return (f"; the authors' files record no config: the editor was built from the YAML, which must be "
+                f"the one the file was trained with (pass --config)")
+    if not pinned.meta:
         return f"; was it trained for editor {editor.name} on this backbone?"
-    return (f"; the checkpoint was trained for {meta.get('backbone', '?')} with editor "
-            f"{meta.get('editor', '?')} ({META_FILE})")
+    return (f"; the checkpoint was trained for {pinned.backbone or '?'} with editor "
+            f"{pinned.editor or '?'} ({pinned.described_by})")
 
 
 def load_trainer_state(path: str) -> dict:
@@ -311,5 +439,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, state: d
 
 __all__ = ["save_checkpoint", "load_editor_weights", "load_trainer_state", "find_latest", "resolve_checkpoint",
            "read_meta", "restore_optimizer", "list_checkpoints", "checkpoint_name", "editor_state_dict",
-           "is_finished", "write_latest", "CHECKPOINTS_DIR", "EDITOR_FILE", "TRAINER_FILE", "META_FILE",
-           "LATEST_FILE"]
+           "is_finished", "write_latest", "PinnedCheckpoint", "pin_checkpoint", "locate_checkpoint",
+           "check_checkpoint_fits", "config_differences", "CHECKPOINTS_DIR", "EDITOR_FILE", "TRAINER_FILE",
+           "META_FILE", "LATEST_FILE"]
+
+
+if __name__ == "__main__":  # python -m editors.checkpoint convert <authors.pt> <out step folder> --backbone <name>
+    from editors.authors_checkpoint import main
+
+    sys.exit(main())

@@ -3,17 +3,20 @@
     outcome = run_evaluation(EvalConfig(sequential_edit_n=10, editor_name="ft_l", model_name="tiny-blip2",
                                         data_name="TOY", data_sample_n=50))
 
-Cheap checks (names, the checkpoint's presence) come before anything large is loaded.
+Cheap checks (names, the checkpoint: resolved once, its meta.json, its config against --config) come
+before anything large is loaded.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
-from editors import editor_class, load_editor
-from editors.vllms import load_vllm
+from editors import editor_class, editor_config, has_trained_modules, load_editor
+from editors.checkpoint import PinnedCheckpoint, check_checkpoint_fits, pin_checkpoint
+from editors.vllms import MARKER_FILE, canonical_name, load_vllm
 from utils.errors import UserError
-from utils.io import seed_everything
+from utils.io import read_json, seed_everything
 
 from runs.data import load_split
 from runs.eval_config import EvalConfig
@@ -35,13 +38,43 @@ def check_trained(editor_name: str, checkpoint: str | None, allow_untrained: boo
     print(f"warning: evaluating {editor_name} WITHOUT a checkpoint (randomly initialised modules)", file=sys.stderr)
 
 
+def check_checkpoint(cfg: EvalConfig) -> PinnedCheckpoint | None:
+    """Resolve `-ckpt` once and check it against the flags, before anything large is loaded.
+
+    Refuses: a checkpoint for an editor without trained modules, a missing path, a checkpoint
+    recorded for another editor or backbone, a --config that differs from the checkpoint's own.
+    """
+    if cfg.editor_checkpoint is None:
+        return None
+    name = cfg.editor_name.strip().lower()
+    if not has_trained_modules(editor_class(name)):
+        raise UserError(f"editor {name} has no trained modules, so it takes no checkpoint: drop "
+                        f"-ckpt {cfg.editor_checkpoint}")
+    pinned = pin_checkpoint(cfg.editor_checkpoint)
+    backbone = expected_backbone(cfg)
+    check_checkpoint_fits(pinned, name, backbone)
+    editor_config(name, backbone, cfg.config_path, pinned)  # reads --config / the YAML and compares now
+    return pinned
+
+
+def expected_backbone(cfg: EvalConfig) -> str:
+    """The name `load_vllm` will give the backbone (a saved backbone folder records its own)."""
+    marker = os.path.join(cfg.model_path, MARKER_FILE) if cfg.model_path else ""
+    if marker and os.path.isfile(marker):
+        saved = read_json(marker)
+        if isinstance(saved, dict) and isinstance(saved.get("name"), str):
+            return saved["name"]
+    return canonical_name(cfg.model_name)
+
+
 def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     """Evaluate `cfg.editor_name` on `cfg.model_name` as `cfg` says (resuming a finished part)."""
     check_trained(cfg.editor_name, cfg.editor_checkpoint, cfg.allow_untrained)
+    pinned = check_checkpoint(cfg)
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
-    editor = load_editor(cfg.editor_name, vllm, cfg.config_path, cfg.editor_checkpoint)
+    editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
-                              model_name=vllm.name)
+                              model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)
     return evaluate(editor, records, cfg)

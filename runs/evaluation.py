@@ -255,11 +255,16 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
     editor_config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
     # the backbone's weight folder: the same name with other weights must not reuse these results
     backbone_source = getattr(getattr(editor, "vllm", None), "source", None)
+    # the checkpoint as the real path of the step folder (or file) it names now: a run folder whose
+    # `latest` moved since the first start gives another identity, so two checkpoints never mix
+    from editors.checkpoint import locate_checkpoint
+
+    checkpoint = locate_checkpoint(cfg.editor_checkpoint)[1] if cfg.editor_checkpoint else None
     identity = {"editor": editor_name, "model": model_name, "backbone_source": backbone_source,
                 "data": cfg.data_name.upper(),
                 "eval_name_postfix": cfg.eval_name_postfix, "sequential_edit_n": cfg.sequential_edit_n,
                 "lifelong": cfg.lifelong, "exact_match": cfg.exact_match, "seed": cfg.seed,
-                "data_sample_n": cfg.data_sample_n, "editor_checkpoint": cfg.editor_checkpoint,
+                "data_sample_n": cfg.data_sample_n, "editor_checkpoint": checkpoint,
                 "editor_config": editor_config, "n_records": len(records),
                 "data_fingerprint": data_fingerprint(records)}
     identity["protocol"] = {"keep_partial_chunk": cfg.keep_partial_chunk,
