@@ -13,6 +13,7 @@ Stages, each skipped when its output exists (delete records/demo to start over):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -75,17 +76,25 @@ def inputs_changed(path: str, inputs: dict) -> bool:
 
 
 def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overwrite=False) -> dict:
-    """Mean metrics of one sequential evaluation (resumed or reused when on disk, unless `overwrite`)."""
+    """Mean metrics of one sequential evaluation (resumed or reused when on disk, unless `overwrite`).
+
+    The demo owns its results folder: results of another configuration there (an upgrade changed
+    what the run identity holds) are started over instead of refused.
+    """
     from editors import load_editor
-    from runs.evaluation import EvalConfig, evaluate as run_eval
+    from runs.evaluation import EvalConfig, ResultsMismatch, evaluate as run_eval
     from runs.results import METRICS, metric_values
 
     editor = load_editor(editor_name, vllm, checkpoint=checkpoint)
+    cfg = EvalConfig(sequential_edit_n=edits, data_name="TOY", eval_name_postfix="demo", results_dir=RESULTS_DIR,
+                     batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True,
+                     overwrite=overwrite)
     try:
-        outcome = run_eval(editor, records, EvalConfig(
-            sequential_edit_n=edits, data_name="TOY", eval_name_postfix="demo", results_dir=RESULTS_DIR,
-            batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True,
-            overwrite=overwrite))
+        try:
+            outcome = run_eval(editor, records, cfg)
+        except ResultsMismatch as mismatch:
+            print(f"      starting over: {mismatch}")
+            outcome = run_eval(editor, records, dataclasses.replace(cfg, overwrite=True))
     finally:
         editor.remove()
     return {key: round(metric_values(outcome.total_mean, path)["acc"], 4) for _, key, path in METRICS[:TABLE_METRICS]}

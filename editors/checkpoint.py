@@ -397,8 +397,8 @@ def _short_list(keys: list[str]) -> str:
 
 def _trained_for(pinned: PinnedCheckpoint, editor) -> str:
     if pinned.kind == "authors":
-        return (f"; the authors' files record no config: the editor was built from the YAML, which must be "
-                f"the one the file was trained with (pass --config)")
+        return ("; the authors' files record no config: the editor was built from the YAML, which must be "
+                "the one the file was trained with (pass --config)")
     if not pinned.meta:
         return f"; was it trained for editor {editor.name} on this backbone?"
     return (f"; the checkpoint was trained for {pinned.backbone or '?'} with editor "

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from editors.checkpoint import locate_checkpoint
 from utils.errors import UserError
 from utils.io import folder_atomic, read_json, write_json_atomic
 from utils.memory import peak_memory, reset_peak
@@ -47,6 +48,10 @@ from utils.scoring import decode, exact_match, generate_answers, teacher_forced,
 
 from runs.eval_config import EvalConfig
 from runs.results import GROUP_ORDER, ScalarLog, mean_results, plot_metrics, round_floats
+
+class ResultsMismatch(UserError):
+    """The results folder holds a run with another identity (the demo, which owns its folder, starts over)."""
+
 
 OUTPUT_FILES = ("results.json", "mean_results.json", "lifelong.json", "metrics_vs_edits.png")
 EDITS_MARKER = "_evaluation_chunks_done.json"
@@ -257,8 +262,6 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
     backbone_source = getattr(getattr(editor, "vllm", None), "source", None)
     # the checkpoint as the real path of the step folder (or file) it names now: a run folder whose
     # `latest` moved since the first start gives another identity, so two checkpoints never mix
-    from editors.checkpoint import locate_checkpoint
-
     checkpoint = locate_checkpoint(cfg.editor_checkpoint)[1] if cfg.editor_checkpoint else None
     identity = {"editor": editor_name, "model": model_name, "backbone_source": backbone_source,
                 "data": cfg.data_name.upper(),
@@ -300,7 +303,7 @@ class Progress:
             stored = read_json(run_path)["identity"]
             differing = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
             if differing:
-                raise UserError(
+                raise ResultsMismatch(
                     f"{self.folder} holds results of a run with a different configuration (differs in: "
                     f"{', '.join(differing)}). Pass --overwrite to start over, or choose another "
                     f"-enp/--eval_name_postfix or --results_dir.")
