@@ -56,6 +56,12 @@ class Editor:
             handle.remove()
         self._layer_edits.clear()
 
+    def routing_of(self, samples: list[Sample], own: list[int | None], batch_size: int) -> list[dict] | None:
+        """Routing diagnostics per sample with the current edits: {"selected": experts selected,
+        "own_selected": whether expert own[i] is among them, "own_weight": its soft weight}; None for an
+        editor that does not route (runs/routing_report.py)."""
+        return None
+
     @property
     def num_edits(self) -> int:
         raise NotImplementedError

@@ -59,6 +59,11 @@ class EvalConfig:
         help="VLKEB one-hop (-dn VLKEB-ONEHOP): after each record's edit, make VLKEB's second, text-only edit "
              "port_edit_q -> port_edit_a before port_q is scored against port_a (default on, as VLKEB "
              "evaluates); --no-portability_second_edit scores port_q after the main edit only")
+    routing_diagnostics: bool = flag(
+        "--routing_diagnostics", default=True,
+        help="for a routing editor (LiveEdit): whether each query's own expert is selected, experts selected "
+             "per query, the own expert's soft weight, the share of M-Loc probes routed; written as 'routing' "
+             "in mean_results.json and TensorBoard (one extra pass to the edit layer per scored image sample)")
     results_dir: str = flag("--results_dir", default="eval_results", help="root folder of the results")
     seed: int = flag("--seed", default=0, help="seeds torch, numpy and the lifelong checkpoint sample")
     show_progress: bool = flag("--no_progress", default=True, action="store_false",

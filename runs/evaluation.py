@@ -48,6 +48,7 @@ from utils.scoring import decode, exact_match, generate_answers, teacher_forced,
 
 from runs.eval_config import EvalConfig
 from runs.results import GROUP_ORDER, ScalarLog, mean_results, plot_metrics, round_floats
+from runs.routing_report import expert_index, mean_report, routing_report
 
 class ResultsMismatch(UserError):
     """The results folder holds a run with another identity (the demo, which owns its folder, starts over)."""
@@ -381,6 +382,7 @@ class _Run:
     progress: Progress
     log: ScalarLog
     pre: dict[str, dict] = field(default_factory=dict)   # lifelong: locality reference of every record
+    expert_of: dict[int, int] = field(default_factory=dict)  # lifelong: record -> index of its expert
     checkpoints: list[int] = field(default_factory=list)
     config: dict = field(default_factory=dict)            # this call's EvalConfig (+ device), for "run"
 
@@ -426,6 +428,7 @@ def _run_chunks(run: _Run, start: int) -> None:
         summary = _lifelong_chunk(run, k) if run.cfg.lifelong else _chunk(run, k)
         write_json_atomic(run.progress.chunk_path(k), summary, indent=None)
         run.log.log(summary["mean"], k + 1)
+        run.log.log(summary.get("routing") or {}, k + 1, prefix="routing/")
         bar.update(1)
     bar.close()
 
@@ -437,12 +440,21 @@ def _chunk(run: _Run, k: int) -> dict:
     loc_items = [it for it in record_items(run.records, positions) if it.group == "locality"]
     pre = predict_before_edit(run.vllm, loc_items, run.cfg)
     prepare_time = time.perf_counter() - start
+    units = _edit_units(run, positions)
     try:
-        edit_times = _edit(run, _edit_units(run, positions))
+        edit_times = _edit(run, units)
         results, score_time = _score(run, positions, pre, edit_times)
+        routing = _routing(run, positions, expert_index(run.records, positions, [key for key, _ in units]))
     finally:
         run.editor.restore()
-    return _summary(k, positions, results, edit_times, score_time, prepare_time)
+    return _summary(k, positions, results, edit_times, score_time, prepare_time) | {"routing": routing}
+
+
+def _routing(run: _Run, positions: Sequence[int], own: dict[int, int]) -> dict | None:
+    """Routing diagnostics of the records at `positions` (None when off or the editor does not route)."""
+    if not run.cfg.routing_diagnostics:
+        return None
+    return routing_report(run.editor, run.records, positions, own, run.cfg.batch_size)
 
 
 def _edit(run: _Run, requests: list[tuple[str, Sample]]) -> dict[str, float]:
@@ -484,6 +496,8 @@ def _lifelong_setup(run: _Run, done: int) -> None:
         write_json_atomic(pre_path, run.pre, indent=None)
     total = sum(len(r.requests) for r in run.records)
     run.checkpoints = lifelong_checkpoints(total)
+    keys = [key for chunk in run.chunks for key, _ in _edit_units(run, chunk)]
+    run.expert_of = expert_index(run.records, range(len(run.records)), keys)
     if done and not _reload_edits(run.editor, run.progress, done):
         replay = [s for k in range(done) for _, s in _edit_units(run, run.chunks[k])]
         bar = tqdm(total=len(replay), desc="replaying edits", unit="edit", leave=False,
@@ -515,8 +529,9 @@ def _lifelong_chunk(run: _Run, k: int) -> dict:
             n_edited = positions[0] + int(np.searchsorted(ends, n, side="right"))
             _checkpoint(run, n, n_edited)
     results, score_time = _score(run, positions, run.pre, edit_times)
+    routing = _routing(run, positions, run.expert_of)
     _save_edits(run.editor, run.progress, k + 1)
-    return _summary(k, positions, results, edit_times, score_time, 0.0)
+    return _summary(k, positions, results, edit_times, score_time, 0.0) | {"routing": routing}
 
 
 def _checkpoint(run: _Run, n_edits: int, n_edited: int) -> None:
@@ -524,9 +539,11 @@ def _checkpoint(run: _Run, n_edits: int, n_edited: int) -> None:
     positions = checkpoint_sample(n_edited, n_edits, run.cfg)
     results, score_time = _score(run, positions, run.pre, None)
     entry = {"edits": n_edits, "edited_records": n_edited, "scored_records": len(positions),
-             "score_time_s": score_time, "mean": mean_results(results)}
+             "score_time_s": score_time, "mean": mean_results(results),
+             "routing": _routing(run, positions, run.expert_of)}
     write_json_atomic(run.progress.checkpoint_path(n_edits), entry, indent=None)
     run.log.log(entry["mean"], n_edits, prefix="lifelong/")
+    run.log.log(entry["routing"] or {}, n_edits, prefix="lifelong/routing/")
 
 
 # ---- final files --------------------------------------------------------------------------------
@@ -539,9 +556,11 @@ def _finalize(run: _Run, folder: str, chunks_run: int, chunks_resumed: int) -> E
     total_mean = mean_results([r for chunk in results for r in chunk]) | {"total_edit_n": total_edits}
     split_mean = [c["mean"] | {"sequential_edit_n": c["n_edits"]} for c in chunks]
     run_info = _run_info(run, chunks, chunks_run, chunks_resumed)
+    routing = mean_report([c.get("routing") for c in chunks])
     write_json_atomic(os.path.join(folder, "results.json"), round_floats(results))
     write_json_atomic(os.path.join(folder, "mean_results.json"),
-                      round_floats({"total_mean": total_mean, "split_mean": split_mean, "run": run_info}))
+                      round_floats({"total_mean": total_mean, "split_mean": split_mean, "run": run_info}
+                                   | ({"routing": routing} if routing else {})))
     lifelong = _write_lifelong(run, folder) if run.cfg.lifelong else None
     if run.cfg.plot:
         if lifelong:

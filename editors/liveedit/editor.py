@@ -136,6 +136,29 @@ class LiveEdit(TrainableEditor):
                                 selected[keep_rows], self.sim_scale, experts)  # [k', s]
         return rows[keep_rows], experts, weights
 
+    @torch.no_grad()
+    def routing_of(self, samples: list[Sample], own: list[int | None], batch_size: int) -> list[dict]:
+        """Per image sample: experts selected by hard routing, and whether / how much expert own[i] is used."""
+        out = []
+        for start in range(0, len(samples), batch_size):
+            part = samples[start:start + batch_size]
+            batch = self.vllm.prepare([s.prompt for s in part], [s.image for s in part], [s.target for s in part])
+            with self.vllm.unedited():
+                hidden = self.vllm.hidden_at_layer(batch, self.config.edit_layer_i)  # [b, l, D]
+            rows, experts, weights = self.route(hidden, batch)  # [k], [s], [k, s]
+            chosen = weights > 0  # a selected expert's weight is softmax x sigmoid > 0
+            for i, own_index in enumerate(own[start:start + batch_size]):
+                hit = (rows == i).nonzero().flatten()
+                if len(hit) == 0:
+                    out.append({"selected": 0, "own_selected": False, "own_weight": 0.0})
+                    continue
+                row_weights = weights[hit[0]]  # [s]
+                mine = (experts == own_index).nonzero().flatten() if own_index is not None else hit[:0]
+                own_weight = float(row_weights[mine[0]]) if len(mine) else 0.0
+                out.append({"selected": int(chosen[hit[0]].sum()), "own_selected": own_weight > 0,
+                            "own_weight": own_weight})
+        return out
+
     def residual(self, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_m c_m ReLU(U_m LN(h)) V_m of repository experts: hidden [k, l, D], experts [s], weights [k, s]
         -> [k, l, D] in hidden's dtype; the products in the repository's dtype, in chunks of experts."""
