@@ -423,3 +423,20 @@ def test_requirements_pin_the_sentencepiece_packages_that_are_installed():
         pins = dict(line.strip().split("==") for line in f if "==" in line and not line.startswith("#"))
     for package in ("sentencepiece", "protobuf"):
         assert pins.get(package) == version(package), package
+
+
+@torch.no_grad()
+def test_vision_fp16_autocast_from_model_config(source, release):
+    """`vision_fp16_autocast: true` in model_config.yaml: ViT and Q-Former run in fp16, features come back in the LM dtype."""
+    path = release / "model_config.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "vision_fp16_autocast": True}))
+    loaded = load_vllm("minigpt4", path=str(release))
+    assert loaded.vision_autocast_on() and not source.vision_autocast_on()  # default off on CPU
+    seen = []
+    fc1 = loaded.model.visual_encoder.encoder.layers[0].mlp.fc1  # a matmul: fp16 under autocast (norms stay fp32)
+    handle = fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    px = loaded.pixel_values([make_image(1), make_image(2)])
+    features = loaded.encode_images(px)  # [2, n, d]
+    handle.remove()
+    assert seen == [torch.float16] and features.dtype == torch.float32
+    torch.testing.assert_close(features, source.encode_images(px), atol=1e-2, rtol=1e-2)
