@@ -276,7 +276,8 @@ def write_fastchat_vicuna(llama, folder: str, n_shards: int = 2) -> None:
     state = {k: v.half() for k, v in llama.state_dict().items()}
     head = llama.config.hidden_size // llama.config.num_attention_heads
     for i in range(llama.config.num_hidden_layers):
-        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, head, 2).float() / head)  # [head / 2]
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
     layer_of = lambda k: int(k.split(".")[2]) if k.startswith("model.layers.") else None  # noqa: E731
     n_layers, weight_map = llama.config.num_hidden_layers, {}
     for s in range(n_shards):
@@ -427,7 +428,7 @@ def test_requirements_pin_the_sentencepiece_packages_that_are_installed():
 
 @torch.no_grad()
 def test_vision_fp16_autocast_from_model_config(source, release):
-    """`vision_fp16_autocast: true` in model_config.yaml: ViT and Q-Former run in fp16, features come back in the LM dtype."""
+    """`vision_fp16_autocast: true` in model_config.yaml: vision side in fp16, features back in the LM dtype."""
     path = release / "model_config.yaml"
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "vision_fp16_autocast": True}))
     loaded = load_vllm("minigpt4", path=str(release))

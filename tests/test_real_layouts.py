@@ -218,7 +218,7 @@ BROKEN = {
                                     r"no preprocessor_config\.json in"),
     "missing shard": (lambda p: _remove(p, shards(p)[1]), r"weight file missing: .*-00002-of-00002\..*named in"),
     "truncated shard": (lambda p: _truncate(p, shards(p)[0]), r"truncated.*-00001-of-00002"),
-    "no weights": (lambda p: [_remove(p, n) for n in shards(p) + [i for i in os.listdir(p) if i.endswith("index.json")]],
+    "no weights": (lambda p: _remove(p, *shards(p), *[i for i in os.listdir(p) if i.endswith("index.json")]),
                    r"no weights in .*model\.safetensors"),
 }
 

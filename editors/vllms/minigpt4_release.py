@@ -13,8 +13,8 @@ and optionally `processor_config.yaml` (`image_size`, `mean`, `std`).
 Checkpoints are read with `torch.load(weights_only=True, mmap=True)`: no pickled code runs, and
 their keys and shapes are checked before Vicuna is read; tensors are cast to the chosen dtype as
 they are read. Loading order is the original's: ViT, then the Q-Former checkpoint (which also
-carries ViT and ln_vision), then the projection. Keys of parts MiniGPT-4 removed (Q-Former text branch, word embeddings, BLIP-2 heads)
-are dropped; any other key that does not map is an error.
+carries ViT and ln_vision), then the projection. Keys of parts MiniGPT-4 removed (Q-Former text
+branch, word embeddings, BLIP-2 heads) are dropped; any other key that does not map is an error.
 """
 from __future__ import annotations
 
