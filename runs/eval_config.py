@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.devices import DTYPE_CHOICES
 from utils.errors import UserError
 from utils.io import none_or_value
 from utils.names import safe_name_part
@@ -30,6 +31,9 @@ class EvalConfig:
     eval_name_postfix: str = flag("-enp", "--eval_name_postfix", default="",
                                   help="appended to the result folder name as -<postfix>")
     device: str = flag("-dvc", "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    dtype: str = flag("--dtype", default="auto", choices=DTYPE_CHOICES,
+                      help="backbone weights' dtype, read directly in it: auto = bfloat16 on a CUDA GPU that "
+                           "supports it, else float32 (default: %(default)s)")
     editor_checkpoint: str | None = flag("-ckpt", "--editor_ckpt_path", default=None, type=none_or_value,
                                          help="trained editor checkpoint ('none' = no checkpoint)")
     data_sample_n: int | None = flag("-dsn", "--data_sample_n", default=None,
@@ -84,6 +88,8 @@ class EvalConfig:
             raise UserError(f"-dsn/--data_sample_n must be at least 1, got {self.data_sample_n}")
         if self.lifelong_sample_n < 1:
             raise UserError(f"lifelong_sample_n must be at least 1, got {self.lifelong_sample_n}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.eval_name_postfix:
             safe_name_part(self.eval_name_postfix, "-enp/--eval_name_postfix")
         self.editor_checkpoint = none_or_value(self.editor_checkpoint)

@@ -73,7 +73,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     pinned = check_checkpoint(cfg)
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
                               model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)

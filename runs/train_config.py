@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.devices import DTYPE_CHOICES
 from utils.errors import UserError
 from utils.io import none_or_value
 from utils.names import safe_name_part
@@ -36,6 +37,9 @@ class TrainRunConfig:
         "-edvc", "--extra_devices", default=None, group=WHERE, nargs="+",
         help="accepted for compatibility with the paper's commands and ignored: no second model copy is "
              "needed, features are computed once per sample on the main device")
+    dtype: str = flag("--dtype", default="auto", group=WHERE, choices=DTYPE_CHOICES,
+                      help="backbone weights' dtype, read directly in it: auto = bfloat16 on a CUDA GPU that "
+                           "supports it, else float32 (default: %(default)s)")
     model_path: str | None = flag("--model_path", default=None, group=WHERE,
                                   help="local folder of the backbone weights (else the environment variable or "
                                        "paths YAML described in the README)")
@@ -82,6 +86,7 @@ class TrainRunConfig:
             (self.data_buffer_size >= 0, "-dbs/--data_buffer_size must be 0 or more"),
             (self.data_limit is None or self.data_limit >= 1, "-dn/--data_n must be at least 1"),
             (self.seed is None or self.seed >= 0, "-rs/--random_seed must be 0 or more"),
+            (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:

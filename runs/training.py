@@ -523,7 +523,7 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     _, records = load_split(cfg.data_name, "train", cfg.data_dir, cfg.data_limit)
     if resume is not None:
         _check_resume_fits(cfg, resume, len(records))
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     seed_everything(seed)
     editor = _build_editor(cls, cfg, vllm, resume)
     trainer = Trainer(cfg, seed, editor, records, resume)

@@ -7,6 +7,7 @@ from utils.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # the --dtype flag's values
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -28,12 +29,28 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """`--dtype auto`: bfloat16 on a CUDA device that computes in it natively, float32 elsewhere (CPU, MPS)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_bf16_supported(including_emulation=False):
+                return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype | None:
+    """`float32` / `bfloat16` / `float16` (or fp32 / bf16 / fp16) -> torch dtype; None stays None.
+
+    `auto` needs the device it will run on (see `auto_dtype`); without one it means the CPU.
+    """
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name.lower() not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; choose from {sorted(set(DTYPES))}")
-    return DTYPES[name.lower()]
+    key = name.strip().lower()
+    if key == "auto":
+        return auto_dtype(resolve_device(device if device is not None else "cpu"))
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose from auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[key]
 
 
 def tune_cpu_threads(model_name: str, device: torch.device) -> None:

@@ -10,6 +10,7 @@ import os
 
 from utils.devices import resolve_device, resolve_dtype, tune_cpu_threads
 from utils.errors import UserError
+from utils.io import read_json
 from .base import VLLM
 from .batch import VLLMBatch
 from .blip2 import BLIP2
@@ -58,8 +59,7 @@ def _check_architecture(path: str, full: str) -> None:
         return
     if not os.path.isfile(config_path):
         raise UserError(f"{path} has no config.json: not a Hugging Face folder for {full}")
-    with open(config_path) as f:
-        found = json.load(f).get("model_type")
+    found = read_json(config_path, hint="copy the model folder again").get("model_type")
     if found != expected:
         raise UserError(f"{path} holds a {found!r} model, but {full} needs model_type {expected!r}")
 
@@ -67,10 +67,14 @@ def _check_architecture(path: str, full: str) -> None:
 def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> VLLM:
     """Load backbone `name` on `device`; tiny names without a path are built from configs.
 
+    `dtype`: "auto" (bfloat16 on a CUDA device that supports it, else float32), "float32",
+    "bfloat16", "float16", a torch dtype, or None (float32). Real weights are read in it directly.
+
     Tiny backbones on CPU switch torch to one thread (see `utils.devices.tune_cpu_threads`).
     """
     full = canonical_name(name)
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     tune_cpu_threads(full, device)
     if full in TINY_NAMES and not path:
         vllm = build_tiny(full, device=device)

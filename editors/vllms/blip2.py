@@ -10,6 +10,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration
 
 from .hf_folder import HFFolderVLLM
+from .load_report import AllowList
 from .stack import stack_for
 
 
@@ -17,6 +18,8 @@ class BLIP2(HFFolderVLLM):
     hf_class = Blip2ForConditionalGeneration
     default_name = "blip2-opt-2.7b"
     family = "blip2"
+    # OPT has learned positions (no rotary buffers) and ties lm_head to the word embeddings.
+    allowed_keys = AllowList(unexpected=(), tied=(r"^language_model\.lm_head\.weight$",))
     image_after_bos = False
     image_text_prefix = ""
 

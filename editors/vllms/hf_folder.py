@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from .base import VLLM
+from .hf_parts import check_processor_file, check_tokenizer_files, load_image_processor, load_tokenizer
+from .load_report import AllowList, check_hf_loading_info
+from .weight_files import hf_weight_files
 
 
 class HFFolderVLLM(VLLM):
@@ -12,6 +14,7 @@ class HFFolderVLLM(VLLM):
 
     hf_class: type = None     # e.g. Blip2ForConditionalGeneration
     default_name: str = ""    # the real backbone's full name
+    allowed_keys: AllowList = AllowList()  # the family's harmless missing / unexpected checkpoint keys
 
     def save(self, directory: str) -> None:
         self.model.save_pretrained(directory)
@@ -20,6 +23,17 @@ class HFFolderVLLM(VLLM):
 
     @classmethod
     def from_directory(cls, path: str, device="cpu", dtype=None, name: str | None = None) -> "HFFolderVLLM":
-        model = cls.hf_class.from_pretrained(path, dtype=dtype or torch.float32)
-        return cls(model.to(device), AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
+        """Load the folder's weights directly in `dtype` (default float32) after checking its files.
+
+        Cheap checks first (tokenizer and processor files, every shard named by the index present
+        and complete); then any missing, unexpected or differently shaped key is a UserError
+        (transformers would only warn and initialise it at random).
+        """
+        check_tokenizer_files(path)
+        check_processor_file(path)
+        hf_weight_files(path)
+        model, info = cls.hf_class.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True)
+        check_hf_loading_info(path, cls.allowed_keys, info, tied=model.config.get_text_config().tie_word_embeddings)
+        return cls(model.to(device), load_tokenizer(path), load_image_processor(path),
                    name=name or cls.default_name)

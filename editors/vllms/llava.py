@@ -9,6 +9,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from .hf_folder import HFFolderVLLM
+from .load_report import ROTARY_INV_FREQ, AllowList
 from .stack import stack_for
 
 
@@ -16,6 +17,8 @@ class LLaVA(HFFolderVLLM):
     hf_class = LlavaForConditionalGeneration
     default_name = "llava-v1.5-7b"
     family = "llava"
+    # 2023 llava checkpoints carry the Llama rotary buffers; lm_head may be absent only if tied.
+    allowed_keys = AllowList(unexpected=(ROTARY_INV_FREQ,), tied=(r"(^|\.)lm_head\.weight$",))
     image_after_bos = True
     image_text_prefix = "\n"
     image_placeholder = "<image>"

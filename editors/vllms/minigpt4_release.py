@@ -8,11 +8,13 @@ to the folder:
     ckpt: pretrained_minigpt4.pth           # {'model': {'llama_proj.weight', 'llama_proj.bias'}}
     num_query_token: 32                     # optional
     vision_config: {...}, qformer_config: {...}   # optional overrides of the EVA / BERT-base shapes
+    vision_fp16_autocast: null              # optional: images under fp16 autocast (null = on CUDA only)
 and optionally `processor_config.yaml` (`image_size`, `mean`, `std`).
-Checkpoints are read with `torch.load(weights_only=True)`: no pickled code runs. Loading order is
-the original's: ViT, then the Q-Former checkpoint (which also carries ViT and ln_vision), then the
-projection. Keys of parts MiniGPT-4 removed (Q-Former text branch, word embeddings, BLIP-2 heads)
-are dropped; any other key that does not map is an error.
+Checkpoints are read with `torch.load(weights_only=True, mmap=True)`: no pickled code runs, and
+their keys and shapes are checked before Vicuna is read; tensors are cast to the chosen dtype as
+they are read. Loading order is the original's: ViT, then the Q-Former checkpoint (which also
+carries ViT and ln_vision), then the projection. Keys of parts MiniGPT-4 removed (Q-Former text
+branch, word embeddings, BLIP-2 heads) are dropped; any other key that does not map is an error.
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ import re
 import torch
 import yaml
 from PIL import Image
-from transformers import (AutoTokenizer, BlipImageProcessorPil, Blip2QFormerConfig, Blip2VisionConfig,
-                          LlamaForCausalLM)
+from transformers import BlipImageProcessorPil, Blip2QFormerConfig, Blip2VisionConfig
 
 from utils.errors import UserError
+from .weight_files import read_torch_state
 
 # EVA ViT-g/14 and the BLIP-2 Q-Former (BERT-base with cross-attention every 2nd layer).
 EVA_VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
@@ -130,22 +132,10 @@ def rename_release_keys(state: dict[str, torch.Tensor], source: str) -> dict[str
     return out
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise UserError(f"MiniGPT-4 release file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, pickled code, not a torch file
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors (nor {{'model': state_dict}})")
-    return state
-
-
 def load_release(path: str, device="cpu", dtype=None, name="minigpt-4-vicuna-7b"):
     """Build MiniGPT-4 from the original release files listed in `path/model_config.yaml`."""
-    from .minigpt4 import MiniGPT4, MiniGPT4Model
+    from .hf_parts import load_tokenizer
+    from .minigpt4 import MiniGPT4, check_bridge_shapes, check_llama_folder, fill_model, load_llama, meta_model
 
     with open(os.path.join(path, "model_config.yaml")) as f:
         cfg = yaml.safe_load(f) or {}
@@ -163,26 +153,16 @@ def load_release(path: str, device="cpu", dtype=None, name="minigpt-4-vicuna-7b"
     # The Q-Former cross-attends to the vision tower, whatever width an override gives it.
     qformer_config = Blip2QFormerConfig(**{**QFORMER_BASE, "encoder_hidden_size": vision_config.hidden_size,
                                            **cfg.get("qformer_config", {})})
-    state = rename_vit_keys(_read_checkpoint(at("vit_path")), source=cfg["vit_path"])
-    state.update(rename_release_keys(_read_checkpoint(at("q_former_model")), cfg["q_former_model"]))
-    state.update(rename_release_keys(_read_checkpoint(at("ckpt")), cfg["ckpt"]))
-    llama = LlamaForCausalLM.from_pretrained(at("llama_model"), dtype=dtype or torch.float32)
-    model = MiniGPT4Model(vision_config, qformer_config, llama, int(cfg.get("num_query_token", 32)))
-    expected = model.bridge_state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"MiniGPT-4 release in {path}: missing {len(missing)} keys {missing[:5]}, "
-                        f"unexpected {len(unexpected)} keys {unexpected[:5]}")
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise UserError(f"MiniGPT-4 release in {path}: checkpoint shapes differ from model_config.yaml "
-                        f"(checkpoint vs model), e.g. {wrong[:3]}; check vision_config / qformer_config / "
-                        f"num_query_token")
-    model.load_state_dict(state, strict=False)
-    model.to(device=device, dtype=dtype or torch.float32)
-    return MiniGPT4(model, AutoTokenizer.from_pretrained(at("llama_model")), _release_image_processor(path),
-                    name=name)
+    check_llama_folder(at("llama_model"))
+    model = meta_model(vision_config, qformer_config, at("llama_model"), int(cfg.get("num_query_token", 32)))
+    state = rename_vit_keys(read_torch_state(at("vit_path")), source=cfg["vit_path"])
+    state.update(rename_release_keys(read_torch_state(at("q_former_model")), cfg["q_former_model"]))
+    state.update(rename_release_keys(read_torch_state(at("ckpt")), cfg["ckpt"]))
+    check_bridge_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, f"the MiniGPT-4 release in {path}")
+    dtype = dtype or torch.float32
+    model = fill_model(model, load_llama(at("llama_model"), dtype), state, device, dtype)
+    return MiniGPT4(model, load_tokenizer(at("llama_model")), _release_image_processor(path), name=name,
+                    vision_fp16_autocast=cfg.get("vision_fp16_autocast"))
 
 
 def _release_image_processor(path: str) -> BlipImageProcessorPil:
