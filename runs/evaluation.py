@@ -265,6 +265,7 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
     # `latest` moved since the first start gives another identity, so two checkpoints never mix
     checkpoint = locate_checkpoint(cfg.editor_checkpoint)[1] if cfg.editor_checkpoint else None
     identity = {"editor": editor_name, "model": model_name, "backbone_source": backbone_source,
+                "dtype": str(editor.vllm.dtype).replace("torch.", ""),
                 "data": cfg.data_name.upper(),
                 "eval_name_postfix": cfg.eval_name_postfix, "sequential_edit_n": cfg.sequential_edit_n,
                 "lifelong": cfg.lifelong, "exact_match": cfg.exact_match, "seed": cfg.seed,

@@ -528,7 +528,7 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     editor = _build_editor(cls, cfg, vllm, resume)
     trainer = Trainer(cfg, seed, editor, records, resume)
     run_dir = resume.run_dir if resume else make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix)
-    write_run_config(run_dir, dataclasses.replace(cfg, seed=seed), config_to_dict(editor.config),
+    write_run_config(run_dir, dataclasses.replace(cfg, seed=seed, dtype=str(vllm.dtype).replace("torch.", "")), config_to_dict(editor.config),
                      {"num_records": len(records), "steps_per_epoch": trainer.per_epoch,
                       "total_steps": trainer.total})
     say(f"run folder: {run_dir}")
