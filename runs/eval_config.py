@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from utils.errors import UserError
-from utils.io import none_or_value
+from utils.io import check_seed, none_or_value
 from utils.names import safe_name_part
 
 from runs.cli import flag
@@ -70,6 +70,7 @@ class EvalConfig:
             raise UserError(f"-dsn/--data_sample_n must be at least 1, got {self.data_sample_n}")
         if self.lifelong_sample_n < 1:
             raise UserError(f"lifelong_sample_n must be at least 1, got {self.lifelong_sample_n}")
+        check_seed(self.seed, "--seed")
         if self.eval_name_postfix:
             safe_name_part(self.eval_name_postfix, "-enp/--eval_name_postfix")
         self.editor_checkpoint = none_or_value(self.editor_checkpoint)
