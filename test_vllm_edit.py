@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a results folder that cannot be written (read-only, full, a file in the way)
+        from utils.io import os_error_line
+
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume after the last finished chunk", file=sys.stderr)
         return 130

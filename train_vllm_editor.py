@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # a run folder that cannot be written (read-only, full, a file in the way)
+        from utils.io import os_error_line
+
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INTERRUPTED

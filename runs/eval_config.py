@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from utils.devices import DTYPE_CHOICES
 from utils.errors import UserError
-from utils.io import none_or_value
+from utils.io import check_seed, none_or_value
 from utils.names import safe_name_part
 
 from runs.cli import flag
@@ -90,6 +90,7 @@ class EvalConfig:
             raise UserError(f"lifelong_sample_n must be at least 1, got {self.lifelong_sample_n}")
         if self.dtype not in DTYPE_CHOICES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        check_seed(self.seed, "--seed")
         if self.eval_name_postfix:
             safe_name_part(self.eval_name_postfix, "-enp/--eval_name_postfix")
         self.editor_checkpoint = none_or_value(self.editor_checkpoint)

@@ -18,7 +18,7 @@ from editors.vllms import MARKER_FILE, canonical_name, load_vllm
 from utils.errors import UserError
 from utils.io import read_json, seed_everything
 
-from runs.data import load_split
+from runs.data import check_lengths, load_split
 from runs.eval_config import EvalConfig
 from runs.evaluation import EvalOutcome, evaluate
 
@@ -74,6 +74,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
+    check_lengths(vllm, records)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
                               model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)

@@ -22,6 +22,8 @@ Files, under `<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelo
     progress/                         one JSON per finished chunk (full precision); the final
                                       files are rebuilt from these, and a rerun resumes after
                                       the last finished chunk
+    .lock                             held while a run writes here: a second run into the same
+                                      folder is refused (a dead holder's lock is taken over)
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 
 from editors.checkpoint import locate_checkpoint
 from utils.errors import UserError
-from utils.io import folder_atomic, read_json, write_json_atomic
+from utils.io import folder_atomic, folder_lock, make_folder, read_json, write_json_atomic
 from utils.memory import peak_memory, reset_peak
 from utils.names import safe_name_part
 from utils.records import EditRecord, Sample
@@ -279,8 +281,15 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
     return json.loads(json.dumps(identity))
 
 
+CORRUPT_HINT = "delete it, or pass --overwrite to start this evaluation over"
+
+
 class Progress:
-    """The `progress/` folder: run identity, one JSON per finished chunk, lifelong extras."""
+    """The `progress/` folder: run identity, one JSON per finished chunk, lifelong extras.
+
+    Every file here is read through `read`, so an empty or corrupt one (a full disk, a copy cut
+    short) is one `UserError` naming it with the hint to pass --overwrite.
+    """
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -288,6 +297,14 @@ class Progress:
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
+
+    def read(self, path: str) -> dict:
+        """The JSON object in `path` (a progress file), or a UserError naming it with the --overwrite hint."""
+        return read_json(path, hint=CORRUPT_HINT, kind=dict)
+
+    def lock(self):
+        """Context manager: hold the folder's lock while this run writes into it."""
+        return folder_lock(self.folder, "another evaluation")
 
     def clear(self) -> None:
         """Remove the files this module writes (nothing else in the folder is touched)."""
@@ -299,10 +316,12 @@ class Progress:
 
     def start(self, identity: dict, config: dict) -> None:
         """Create the folder, or check that the stored identity matches (else refuse)."""
-        os.makedirs(self.dir, exist_ok=True)
+        make_folder(self.dir)
         run_path = self.path("run.json")
         if os.path.isfile(run_path):
-            stored = read_json(run_path)["identity"]
+            stored = self.read(run_path).get("identity")
+            if not isinstance(stored, dict):
+                raise UserError(f"{run_path} is corrupt (it has no run identity); {CORRUPT_HINT}")
             differing = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
             if differing:
                 raise ResultsMismatch(
@@ -316,14 +335,15 @@ class Progress:
         return self.path(f"chunk_{k:05d}.json")
 
     def finished_chunks(self, n_chunks: int) -> int:
-        """How many chunks from the first are finished."""
+        """How many chunks from the first are finished (each one read, so a corrupt one is named now)."""
         k = 0
         while k < n_chunks and os.path.isfile(self.chunk_path(k)):
+            self.read(self.chunk_path(k))
             k += 1
         return k
 
     def load_chunks(self, n: int) -> list[dict]:
-        return [read_json(self.chunk_path(k)) for k in range(n)]
+        return [self.read(self.chunk_path(k)) for k in range(n)]
 
     def checkpoint_path(self, n_edits: int) -> str:
         return self.path(f"checkpoint_{n_edits:09d}.json")
@@ -364,7 +384,7 @@ def _reload_edits(editor, progress: Progress, chunks_done: int) -> bool:
     """Load the saved edits if they were saved after exactly `chunks_done` chunks."""
     final = progress.path("edits")
     marker = os.path.join(final, EDITS_MARKER)
-    if not editor.saves_edits or not os.path.isfile(marker) or read_json(marker).get("chunks_done") != chunks_done:
+    if not editor.saves_edits or not os.path.isfile(marker) or progress.read(marker).get("chunks_done") != chunks_done:
         return False
     editor.load_edits(final)
     return True
@@ -402,6 +422,14 @@ def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutc
     model_name = cfg.model_name or editor.vllm.name
     folder = run_folder(cfg, editor_name, model_name)
     progress = Progress(folder)
+    with progress.lock():
+        return _evaluate_locked(editor, records, cfg, progress, editor_name, model_name)
+
+
+def _evaluate_locked(editor, records: Sequence[EditRecord], cfg: EvalConfig, progress: Progress,
+                     editor_name: str, model_name: str) -> EvalOutcome:
+    """`evaluate` once the results folder is locked for this process."""
+    folder = progress.folder
     if cfg.overwrite:
         progress.clear()
     config = dataclasses.asdict(cfg) | {"device": str(editor.vllm.device)}
@@ -490,7 +518,7 @@ def _lifelong_setup(run: _Run, done: int) -> None:
     """Locality reference of the original model, then the edits of the finished chunks."""
     pre_path = run.progress.path("pre_edit.json")
     if os.path.isfile(pre_path):
-        run.pre = read_json(pre_path)
+        run.pre = run.progress.read(pre_path)
     else:
         loc_items = [it for it in record_items(run.records, range(len(run.records))) if it.group == "locality"]
         run.pre = predict_before_edit(run.vllm, loc_items, run.cfg)
@@ -582,7 +610,7 @@ def _run_info(run: _Run, chunks: list[dict], chunks_run: int, chunks_resumed: in
     score_time = sum(c["score_time_s"] for c in chunks)
     scored = sum(c["n_scored_records"] for c in chunks)
     samples = sum(c["n_scored_samples"] for c in chunks)
-    stored = read_json(run.progress.path("run.json"))
+    stored = run.progress.read(run.progress.path("run.json"))
     return {"config": run.config, "identity": stored["identity"],
             "device": str(run.vllm.device), "dtype": str(run.vllm.dtype).replace("torch.", ""),
             "chunks": len(chunks), "chunks_run": chunks_run, "chunks_resumed": chunks_resumed,
@@ -604,7 +632,7 @@ def _run_info(run: _Run, chunks: list[dict], chunks_run: int, chunks_resumed: in
 
 def _write_lifelong(run: _Run, folder: str) -> list[dict]:
     total = sum(len(r.requests) for r in run.records)
-    entries = [read_json(run.progress.checkpoint_path(n)) for n in lifelong_checkpoints(total)
+    entries = [run.progress.read(run.progress.checkpoint_path(n)) for n in lifelong_checkpoints(total)
                if os.path.isfile(run.progress.checkpoint_path(n))]
     doc = {"sample_policy": f"all edited records, or a uniform sample of {run.cfg.lifelong_sample_n} "
                             f"without replacement seeded by (seed={run.cfg.seed}, edits)",

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from utils.devices import DTYPE_CHOICES
 from utils.errors import UserError
-from utils.io import none_or_value
+from utils.io import check_seed, none_or_value
 from utils.names import safe_name_part
 
 from runs.cli import flag
@@ -85,12 +85,13 @@ class TrainRunConfig:
             (0.0 < self.ema_alpha <= 1.0, "-ea/--ema_alpha must be in (0, 1]"),
             (self.data_buffer_size >= 0, "-dbs/--data_buffer_size must be 0 or more"),
             (self.data_limit is None or self.data_limit >= 1, "-dn/--data_n must be at least 1"),
-            (self.seed is None or self.seed >= 0, "-rs/--random_seed must be 0 or more"),
             (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.seed is not None:
+            check_seed(self.seed, "-rs/--random_seed")
         if self.name_prefix:
             safe_name_part(self.name_prefix, "-tnp/--train_name_prefix")
         self.resume_from = none_or_value(self.resume_from)

@@ -60,7 +60,7 @@ from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io import seed_everything, write_yaml_atomic
 
-from runs.data import load_split
+from runs.data import check_lengths, load_split
 from runs.train_config import TrainRunConfig
 
 _BATCH_STREAM = 1_000_003   # rng of step s: default_rng([seed, _BATCH_STREAM, s])
@@ -524,6 +524,7 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     if resume is not None:
         _check_resume_fits(cfg, resume, len(records))
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
+    check_lengths(vllm, records)
     seed_everything(seed)
     editor = _build_editor(cls, cfg, vllm, resume)
     trainer = Trainer(cfg, seed, editor, records, resume)

@@ -1,7 +1,9 @@
 """Dataclass configs read from YAML with type checks (litgpt style).
 
 `load_config(cls, path)` builds a (possibly nested) dataclass from a YAML file, read with
-`yaml.safe_load`. Unknown keys and wrong types are one clear error naming the file and the key.
+`yaml.safe_load`. Unknown keys and wrong types are one clear error naming the file and the key; a
+`UserError` raised by a dataclass's `__post_init__` (its range checks) gets the file (and the
+section, e.g. `path.retrieval_editor`) put in front.
 `config_to_dict` is the inverse, used to write the `config.yaml` of a run.
 """
 from __future__ import annotations
@@ -46,7 +48,11 @@ def from_dict(cls, data: dict, where: str = "config"):
     unknown = sorted(set(data) - names)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except UserError as exc:  # a range check in the dataclass's __post_init__: say which file
+        raise UserError(f"{where}: {exc}") from None
 
 
 def load_config(cls, path: str):

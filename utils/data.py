@@ -14,7 +14,10 @@ file adds `port_new`) and produce `utils.records.EditRecord`s:
 
 E-VQA appends " The answer is:" to the request and generality prompts; E-IC and VLKEB leave them
 unchanged. Image fields are joined onto the image root; no image is opened here (see
-`utils.images`). Every input check runs before any record is built, and each failure is one
+`utils.images`). An image path must stay inside the image root: absolute paths and paths whose
+`..` parts climb out of it are refused when the records are read. The check is on the path as
+written, so a symlink inside the root is followed wherever it points (linking images in from
+elsewhere is the user's choice). Every input check runs before any record is built, and each failure is one
 `UserError` that says what is wrong and what to do.
 """
 from __future__ import annotations
@@ -238,6 +241,10 @@ def _record_problems(raw: Any, index: int, with_portability: bool) -> list[str]:
         problem = _text_field_problem(raw, field, _field_role(field))
         if problem:
             problems.append(f"record {index}, field '{field}': {problem}")
+    for field in IMAGE_FIELDS:
+        problem = _image_path_problem(raw.get(field))
+        if problem:
+            problems.append(f"record {index}, field '{field}': {problem}")
     pred = raw.get("pred")
     if pred is not None and not isinstance(pred, str):
         problems.append(
@@ -257,6 +264,26 @@ def _text_field_problem(container: dict, field: str, role: str) -> str | None:
         return f"must be a string (the {role}), got a JSON {_json_type(value)}"
     if not value.strip():
         return f"is empty; it must hold the {role}"
+    return None
+
+
+def _image_path_problem(value: Any) -> str | None:
+    """Why an image path (already known to be a non-empty string, or not checked here) is refused.
+
+    Lexical check: absolute paths and paths that climb out of the image root with `..` are
+    refused; symlinks under the root are not resolved (see the module docstring).
+    """
+    if not isinstance(value, str) or not value.strip():
+        return None  # reported by the required-field check
+    if "\0" in value:
+        return f"path {value!r} contains a NUL character"
+    if os.path.isabs(value) or os.path.splitdrive(value)[0]:
+        return (f"path {value!r} is absolute; image paths must be relative to the image root "
+                f"(absolute paths could read any file on this machine)")
+    normal = os.path.normpath(value)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        return (f"path {value!r} leaves the image root through '..'; image paths must stay inside the "
+                f"image root (put the image there, or link it there with a symlink)")
     return None
 
 

@@ -11,14 +11,27 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # the --dtype flag's
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """`cpu`, `cuda`, `cuda:1`, `mps`, `auto` -> a device that exists here, or a UserError saying why not."""
+    """`cpu`, `cuda`, `cuda:1`, `mps`, `xpu`, `auto` -> a device that exists here, or a UserError saying why not
+    (`meta` and device types this project does not run on are refused too)."""
     name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UserError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from exc
+        raise UserError(f"unknown device {name!r} (use cpu, cuda, cuda:N, mps, xpu or auto)") from exc
+    if device.type == "meta":
+        raise UserError(f"device {name} holds no data (shapes only) and cannot run a model; use cpu or cuda")
+    if device.type in ("mps", "xpu") and not _backend_available(device.type):
+        raise UserError(f"device {name} requested but this machine has no {device.type.upper()} device "
+                        f"(or this torch build lacks it); use -dvc cpu, cuda or auto")
+    if device.type in ("mps", "xpu") and device.index:
+        count = 1 if device.type == "mps" else torch.xpu.device_count()
+        if device.index >= count:
+            raise UserError(f"device {name} does not exist: this machine has {count} {device.type.upper()} "
+                            f"device(s) ({device.type}:0..{device.type}:{count - 1})")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"device {name} is not supported (use cpu, cuda, cuda:N, mps, xpu or auto)")
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
@@ -27,6 +40,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
             raise UserError(f"device {name} does not exist: this machine has {count} CUDA GPU(s) "
                             f"(cuda:0..cuda:{count - 1})")
     return device
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether torch can use the `mps` or `xpu` backend on this machine."""
+    if kind == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        return bool(backend is not None and backend.is_available())
+    module = getattr(torch, kind, None)
+    return bool(module is not None and module.is_available())
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

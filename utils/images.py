@@ -7,18 +7,49 @@ heavily (E-VQA train has 6,345 records but 3,363 unique request images).
 
 Like the reference implementation, EXIF orientation tags are not applied: pixels are used in
 the order the file stores them.
+
+`check_images(paths)` reads only the header of each image (format, size; PNG checksums) so that an
+empty, corrupt or oversized file is reported before a run starts, not at the chunk or step that
+first decodes it. Images larger than `MAX_IMAGE_PIXELS` (default 8192 x 8192; environment
+variable LIVEEDIT_MAX_IMAGE_PIXELS) are refused by both the check and `load_image`; Pillow's own
+decompression-bomb limit is set to the same number.
 """
 from __future__ import annotations
 
 import os
+import struct
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from utils.errors import UserError
+
+MAX_PIXELS_ENV = "LIVEEDIT_MAX_IMAGE_PIXELS"
+
+
+def _max_image_pixels() -> int:
+    """The pixel limit: LIVEEDIT_MAX_IMAGE_PIXELS if set (a positive integer), else 8192 * 8192."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return 8192 * 8192
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {value!r}")
+    return int(value)
+
+
+MAX_IMAGE_PIXELS = _max_image_pixels()
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow refuses twice this in Image.open, warns above it;
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse above it with a UserError
+_LISTED_PROBLEMS = 5
+_PROGRESS_FROM = 2000  # show a progress bar when checking at least this many images
+_HEADER_CACHE: dict[tuple, str | None] = {}  # (path, size, mtime) -> problem or None
+_HEADER_LOCK = threading.Lock()
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
@@ -39,6 +70,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         )
     try:
         with Image.open(path) as image:
+            too_large = _size_problem(image)
+            if too_large:
+                raise UserError(f"Cannot read image {path}: {too_large}")
             image.load()
             return _to_rgb(image)
     except UserError:
@@ -48,6 +82,77 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             f"Cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; "
             f"download it again."
         ) from exc
+
+
+def _size_problem(image: Image.Image) -> str | None:
+    """Why an opened image is too large to decode, or None."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        return f"it has no pixels ({width} x {height})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"{width} x {height} = {width * height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                f"(a decompression bomb, or a picture to shrink first; {MAX_PIXELS_ENV} raises the limit)")
+    return None
+
+
+def image_header_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the image file at `path` (missing, empty, not an image, corrupt, too
+    large), or None when its header reads fine. Pixels are not decoded; each (path, size, mtime)
+    is checked once per process."""
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not os.path.isfile(path):
+        return "is not a file"
+    key = (os.path.normpath(path), stat.st_size, stat.st_mtime_ns)
+    with _HEADER_LOCK:
+        if key in _HEADER_CACHE:
+            return _HEADER_CACHE[key]
+    problem = "is empty (0 bytes)" if stat.st_size == 0 else _read_header(path)
+    with _HEADER_LOCK:
+        _HEADER_CACHE[key] = problem
+    return problem
+
+
+def _read_header(path: str) -> str | None:
+    """Open the image (header only), check its size, and let Pillow verify what it can cheaply."""
+    try:
+        with Image.open(path) as image:
+            problem = _size_problem(image)
+            if problem:
+                return problem
+            image.verify()  # PNG: chunk checksums; other formats: structure only, no pixel decode
+    except Image.DecompressionBombError as exc:
+        return f"is over the pixel limit of {MAX_IMAGE_PIXELS} ({exc}; {MAX_PIXELS_ENV} raises the limit)"
+    except UnidentifiedImageError:
+        return "is not an image Pillow can read (corrupt, truncated or another kind of file)"
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        return f"is corrupt or truncated ({exc})"
+    return None
+
+
+def check_images(paths: Iterable[str], source: str = "the data set") -> int:
+    """Read the header of every distinct image in `paths`; one `UserError` listing the bad ones.
+
+    Returns how many distinct images were checked. `source` (e.g. the annotation file) is named in
+    the message. A progress bar is shown for large sets.
+    """
+    unique = list(dict.fromkeys(os.fspath(p) for p in paths))
+    bad = []
+    for path in tqdm(unique, desc="checking images", unit="image", leave=False,
+                     disable=len(unique) < _PROGRESS_FROM):
+        problem = image_header_problem(path)
+        if problem:
+            bad.append(f"{path}: {problem}")
+    if bad:
+        listed = "\n  ".join(bad[:_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(bad) - _LISTED_PROBLEMS} more" if len(bad) > _LISTED_PROBLEMS else ""
+        raise UserError(f"{len(bad)} of {len(unique)} images referenced by {source} cannot be used:\n  "
+                        f"{listed}{more}\nReplace these files (download them again), or remove the records "
+                        f"that use them.")
+    return len(unique)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

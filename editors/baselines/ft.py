@@ -53,6 +53,15 @@ class FTConfig:
     """Let the evaluator pass a whole chunk to one `edit` call (joint fine-tuning). Off by default:
     the paper's protocol edits one request at a time."""
 
+    def __post_init__(self) -> None:
+        """Range checks; a UserError names the key (load_config adds the file)."""
+        for ok, message in [(self.lr > 0, f"lr must be positive, got {self.lr!r}"),
+                            (self.steps >= 1, f"steps must be at least 1, got {self.steps!r}"),
+                            (self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay!r}"),
+                            (self.stop_loss >= 0, f"stop_loss must be 0 or more, got {self.stop_loss!r}")]:
+            if not ok:
+                raise UserError(message)
+
 
 class FineTuneEditor(Editor):
     """Shared loop of FT-L and FT-M; subclasses choose the tuned module."""
