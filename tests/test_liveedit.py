@@ -259,7 +259,7 @@ def test_gather_spans_of_one_row_equals_the_padded_batch_path():
 @pytest.fixture(scope="module")
 def toy_records(tmp_path_factory):
     from utils.data import load_edit_dataset
-    from utils.toyworld import generate_toyworld
+    from toyworld.world import generate_toyworld
 
     world = tmp_path_factory.mktemp("liveedit_train") / "toyworld"
     generate_toyworld(world, n_train=4, n_eval=2, n_pretrain_scenes=2)
