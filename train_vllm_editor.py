@@ -56,12 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv: list[str] | None) -> int:
-    """Parse, train, and turn each way a run can end into its message and exit code."""
-    import traceback
-
+    """Parse and train; each way a run can end becomes its message and exit code (`_report`)."""
     from runs.cli import from_args
     from runs.train_config import TrainRunConfig
-    from utils.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
@@ -69,29 +66,42 @@ def _train(argv: list[str] | None) -> int:
         if cfg.extra_devices is not None:
             print("note: -edvc/--extra_devices is ignored: no second model copy is needed (features are "
                   "computed once per sample on the main device)")
-        from runs.training import TrainingDiverged, TrainingInterrupted, run_training
+        from runs.training import run_training
 
         run_training(cfg)
-    except TrainingDiverged as exc:
+    except Exception as exc:  # noqa: BLE001 - each kind gets its message; unknown ones are re-raised
+        code = _report(exc)
+        if code is None:
+            raise
+        return code
+    return 0
+
+
+def _report(exc: Exception) -> int | None:
+    """Print how the run ended (the saved checkpoint first, then the error); the exit code, or None
+    for an exception raised before training that is no user error (re-raised with its traceback)."""
+    import traceback
+
+    from utils.errors import UserError
+
+    training = sys.modules.get("runs.training")  # not imported yet: the error came before training
+    if training is not None and isinstance(exc, training.TrainingDiverged):
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except TrainingInterrupted as exc:
+    if training is not None and isinstance(exc, training.TrainingInterrupted):
         print(str(exc), file=sys.stderr)
         return 128 + exc.signum
-    except Exception as exc:  # noqa: BLE001 - a mid-run error: name the saved checkpoint first
-        training = sys.modules.get("runs.training")  # not imported yet: the error came before training
-        note = training.stop_note(exc) if training is not None else None
-        if note is not None:
-            print(note, file=sys.stderr)
-            exc.__notes__.remove(note)  # printed once, before the error
-        if isinstance(exc, UserError):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        if note is None:
-            raise
-        traceback.print_exception(exc)
-        return EXIT_ERROR
-    return 0
+    note = training.stop_note(exc) if training is not None else None
+    if note is not None:
+        print(note, file=sys.stderr)
+        exc.__notes__.remove(note)  # printed once, before the error
+    if isinstance(exc, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if note is None:
+        return None
+    traceback.print_exception(exc)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":
