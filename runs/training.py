@@ -594,11 +594,11 @@ class Trainer:
             exc.add_note(f"{STOP_NOTE} during the optimizer update of step {self.step + 1}: the parameters may be "
                          f"half updated, so nothing new was saved; " + self._resume_hint())
             return None
-        saved = self._save_after_failure(exc, writer)
+        saved = self._save_after_failure(writer)
         exc.add_note(f"{STOP_NOTE} after step {self.step} (the last finished step); " + saved)
         return None
 
-    def _save_after_failure(self, exc: BaseException, writer) -> str:
+    def _save_after_failure(self, writer) -> str:
         """Save the last finished step after an error; returns what was saved, in words."""
         with contextlib.suppress(Exception):
             self._log_step(writer)
@@ -624,7 +624,7 @@ class Trainer:
         """Ctrl-C / SIGTERM: save what the finished steps learned and say how to resume."""
         signum = signal_of(exc)
         what = f"interrupted ({signal_label(signum)})"
-        saved = self._save_after_failure(exc, writer)
+        saved = self._save_after_failure(writer)
         held = (f" ({' and '.join(signal_label(s) for s in dict.fromkeys(more))} received while the checkpoint "
                 f"was written: the write finished first)") if more else ""
         if self.step < start:
