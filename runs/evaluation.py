@@ -28,7 +28,6 @@ Files, under `<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ from utils.errors import UserError
 from utils.io import folder_atomic, folder_lock, make_folder, read_json, write_json_atomic
 from utils.memory import peak_memory, reset_peak
 from utils.names import safe_name_part
-from utils.records import EditRecord, Sample
+from utils.records import EditRecord, Sample, data_fingerprint
 from utils.scoring import decode, exact_match, generate_answers, teacher_forced, token_accuracy
 
 from runs.eval_config import EvalConfig
@@ -250,11 +249,6 @@ def run_folder(cfg: EvalConfig, editor_name: str, model_name: str) -> str:
     name = cfg.data_name.upper() + (f"-{postfix}" if postfix else "")
     mode = "lifelong_edit" if cfg.lifelong else "sequential_edit"
     return os.path.join(cfg.results_dir, editor_name, model_name, name, f"{mode}_{cfg.sequential_edit_n}")
-
-
-def data_fingerprint(records: Sequence[EditRecord]) -> str:
-    payload = json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True)
-    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
 def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_name: str, model_name: str) -> dict:

@@ -20,8 +20,12 @@ Differences from the paper's loop (spec §5.3-5.4, W-7, W-9, W-10, W-29):
   (same batches, same losses) without saving any RNG stream. A batch never mixes two epochs;
   the last batch of an epoch may be smaller.
 * The EMA of the loss starts at the first loss (the paper started it at 1.0).
-* A final checkpoint is always written, and one on Ctrl-C; resuming continues at step + 1 in the
-  same epoch, in the same run folder, so the TensorBoard curves continue.
+* A final checkpoint is always written, and one of the last finished step on Ctrl-C, SIGTERM or an
+  exception mid-run (a signal during a checkpoint write waits for the write); resuming continues
+  at step + 1 in the same epoch, in the same run folder, so the TensorBoard curves continue. The
+  last finished step's scalars are written however the run ends.
+* A non-finite loss or gradient stops the run before that step's update (the paper trained on).
+* Resuming checks the data's fingerprint, not only its record count.
 * The prefetch thread is a daemon whose exceptions reach the main thread (no silent hang).
 * config.yaml records the batch size and the seed.
 
@@ -59,8 +63,10 @@ from utils.data import canonical_dataset_name
 from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io import seed_everything, write_yaml_atomic
+from utils.records import data_fingerprint
 
 from runs.data import check_lengths, load_split
+from runs.signals import deferred_interrupts, signal_label, signal_of, terminate_like_ctrl_c
 from runs.train_config import TrainRunConfig
 
 _BATCH_STREAM = 1_000_003   # rng of step s: default_rng([seed, _BATCH_STREAM, s])
@@ -78,11 +84,44 @@ class TrainResult:
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved (if any step finished) and writers closed."""
+    """Ctrl-C or SIGTERM during training: the last finished step was saved (if one finished), writers closed.
 
-    def __init__(self, message: str, checkpoint: str | None):
+    `signum` is the signal (SIGINT or SIGTERM); the CLI exits with 128 + signum (130, 143).
+    """
+
+    def __init__(self, message: str, checkpoint: str | None, signum: int = signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = int(signum)
+
+
+class TrainingDiverged(UserError):
+    """A step's loss or gradients were not finite: that step's update was not applied and training stopped.
+
+    `checkpoint` holds the last step with a finite loss and finite parameters (None when no step
+    finished); `step` is the step whose loss or gradients were not finite. The CLI exits with 3.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None, step: int):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.step = step
+
+
+class _NonFinite(Exception):
+    """Raised inside the loop at the first non-finite loss / gradient; becomes TrainingDiverged."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(what)
+        self.step, self.what = step, what
+
+
+STOP_NOTE = "training stopped by this error"  # start of the note added to an exception raised mid-run
+
+
+def stop_note(exc: BaseException) -> str | None:
+    """The trainer's note on an exception raised mid-run (what was saved, how to resume), if any."""
+    return next((n for n in getattr(exc, "__notes__", ()) if n.startswith(STOP_NOTE)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,26 +250,6 @@ class BatchPrefetcher:
             self._thread.join(timeout)
 
 
-@contextlib.contextmanager
-def deferred_interrupts():
-    """Hold Ctrl-C (SIGINT) until the block ends, so an optimizer update is never half applied."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except (ValueError, TypeError):  # no signal support here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if received:
-            raise KeyboardInterrupt
-
-
 # ---------------------------------------------------------------------------------------------
 # Run folder
 # ---------------------------------------------------------------------------------------------
@@ -329,17 +348,34 @@ def _load_resume(cfg: TrainRunConfig) -> _Resume | None:
     return _Resume(folder=folder, run_dir=os.path.dirname(parent), state=state, meta=meta)
 
 
-def _check_resume_fits(cfg: TrainRunConfig, resume: _Resume, num_records: int) -> None:
-    """The data must be the checkpoint's, and steps must remain to be run."""
+def _check_resume_fits(cfg: TrainRunConfig, resume: _Resume, num_records: int,
+                       fingerprint: str | None = None) -> list[str]:
+    """The data must be the checkpoint's, and steps must remain to be run; returns notes to print.
+
+    `fingerprint` is `data_fingerprint(records, relative_to=cfg.data_dir)` of the data now; it is
+    compared with the one the checkpoint stored (checkpoints written before it was stored have
+    none: they resume, with a note).
+    """
+    notes = []
     saved_n = resume.state.get("num_records")
     if saved_n is not None and saved_n != num_records:
         raise UserError(f"the training data now has {num_records} records but checkpoint {resume.folder} was "
                         f"trained on {saved_n}; resuming needs the same data (-dna, -dn, --data_dir)")
+    saved_print = resume.state.get("data_fingerprint")
+    if fingerprint is not None and saved_print is not None and saved_print != fingerprint:
+        raise UserError(f"the training data now differs from the data checkpoint {resume.folder} was trained on "
+                        f"(same {num_records} records, other content: data fingerprint {fingerprint[:12]} != "
+                        f"{str(saved_print)[:12]}); resuming needs the same data (-dna {cfg.data_name}, "
+                        f"-dn {cfg.data_limit}, --data_dir {cfg.data_dir})")
+    if fingerprint is not None and saved_print is None:
+        notes.append(f"note: checkpoint {resume.folder} stores no data fingerprint (written by an older version); "
+                     f"only the record count ({num_records}) was checked against the data")
     step, total = int(resume.state["step"]), total_steps(cfg, num_records)
     if step >= total:
         raise UserError(f"checkpoint {resume.folder} is at step {step}, and this run ends at step {total} "
                         f"({cfg.epochs} epochs x {steps_per_epoch(num_records, cfg.batch_size)} steps, "
                         f"--max_steps {cfg.max_steps}); raise -eps or --max_steps to train further")
+    return notes
 
 
 def _check_editor_config(cls, cfg: TrainRunConfig, resume: _Resume | None) -> None:
@@ -373,18 +409,34 @@ def _build_editor(cls, cfg: TrainRunConfig, vllm, resume: _Resume | None):
 # ---------------------------------------------------------------------------------------------
 
 class Trainer:
-    """Runs steps `start..total` of one run; owns the writer, the prefetcher and the progress bar."""
+    """Runs steps `start..total` of one run; owns the writer, the prefetcher and the progress bar.
 
-    def __init__(self, cfg: TrainRunConfig, seed: int, editor, records: list, resume: _Resume | None = None):
+    How a run ends (each keeps the last finished step in a finished checkpoint):
+    * normally: the final checkpoint;
+    * Ctrl-C or SIGTERM: `TrainingInterrupted` (a signal during a checkpoint write waits for the write);
+    * a non-finite loss or gradient: that step's update is not applied, `TrainingDiverged`;
+    * any other exception (a bad image met mid-run, out of memory): the same exception, with a note
+      naming the checkpoint (`stop_note`).
+    """
+
+    def __init__(self, cfg: TrainRunConfig, seed: int, editor, records: list, resume: _Resume | None = None,
+                 fingerprint: str | None = None):
         self.cfg, self.seed, self.editor, self.records = cfg, seed, editor, records
         self.n = len(records)
         self.per_epoch = steps_per_epoch(self.n, cfg.batch_size)
         self.total = total_steps(cfg, self.n)
+        self.fingerprint = fingerprint or data_fingerprint(records, relative_to=cfg.data_dir)
         self.optimizer, self.scheduler = editor.make_optimizer()
+        self._named_parameters = [(f"{name}.{key}", p) for name, module in editor.trainable_modules().items()
+                                  for key, p in module.named_parameters()]
         self.step, self.epoch, self.ema, self.loss = 0, 1, None, None
         self.saved_step, self.last_checkpoint = 0, None
         self.run_dir = self.ckpt_dir = ""
         self.losses: dict[int, float] = {}
+        self._updating = False                        # inside an optimizer update (state half changed)
+        self._last_logs: dict | None = None           # the logs of the last finished step
+        self._logged_step = 0                         # last step whose scalars were written
+        self._clock = (time.perf_counter(), 0)        # (time, step) of the last scalars written
         if resume is not None:
             self._restore(resume)
 
@@ -395,6 +447,7 @@ class Trainer:
         self.epoch = int(resume.state.get("epoch") or epoch_of_step(max(self.step, 1), self.n, self.cfg.batch_size))
         self.ema, self.loss = resume.state.get("ema_loss"), resume.state.get("loss")
         self.saved_step, self.last_checkpoint = self.step, resume.folder
+        self._logged_step = self.step
 
     # ---- one step -----------------------------------------------------------------------------
     def make_batch(self, step: int) -> Any:
@@ -402,14 +455,24 @@ class Trainer:
         return self.editor.training_batch([self.records[i] for i in ids], batch_rng(self.seed, step))
 
     def train_one(self, step: int, batch: Any) -> dict:
-        """Forward/backward by the editor, then the optimizer and scheduler step; returns the logs."""
+        """Forward/backward by the editor, then the optimizer and scheduler step; returns the logs.
+
+        A non-finite loss or gradient raises `_NonFinite` before the update: the parameters stay
+        those of the last finished step.
+        """
         torch.manual_seed(step_torch_seed(self.seed, step))
         self.optimizer.zero_grad(set_to_none=True)
         logs = self.editor.train_step(batch)
         if not isinstance(logs, dict) or "Loss" not in logs:
             raise TypeError(f"{type(self.editor).__name__}.train_step must return a dict with a 'Loss' entry")
         loss = float(logs["Loss"])
+        if not math.isfinite(loss):
+            raise _NonFinite(step, f"the loss is {loss}")
+        bad = self._non_finite_gradients()
+        if bad:
+            raise _NonFinite(step, f"the gradients of {bad} are not finite (the loss is {loss})")
         with deferred_interrupts():
+            self._updating = True
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -418,15 +481,32 @@ class Trainer:
             self.step, self.loss = step, loss
             self.epoch = epoch_of_step(step, self.n, self.cfg.batch_size)
             self.losses[step] = loss
+            self._last_logs = logs
+            self._updating = False
         return logs
+
+    def _non_finite_gradients(self) -> str:
+        """Names of the parameters whose gradient holds inf / nan ('' when all are finite; one sync per device)."""
+        grads = [(name, p.grad) for name, p in self._named_parameters if p.grad is not None]
+        return _non_finite_names(grads)
+
+    def _non_finite_parameters(self) -> str:
+        return _non_finite_names([(name, p.detach()) for name, p in self._named_parameters])
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> str:
+        """Checkpoint the current step (a signal meanwhile waits until the folder is complete)."""
+        bad = self._non_finite_parameters()
+        if bad:
+            raise _NonFinite(self.step, f"the parameters {bad} are not finite after the update of step {self.step}")
         state = {"step": self.step, "epoch": self.epoch, "ema_loss": self.ema, "loss": self.loss,
                  "seed": self.seed, "batch_size": self.cfg.batch_size, "num_records": self.n,
+                 "data_fingerprint": self.fingerprint,
                  "data_name": self._data_name(), "editor": self.editor.name, "backbone": self.editor.vllm.name}
-        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.editor, self.optimizer, self.scheduler, state)
-        self.saved_step = self.step
+        with deferred_interrupts():
+            self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.editor, self.optimizer, self.scheduler,
+                                                   state)
+            self.saved_step = self.step
         return self.last_checkpoint
 
     def _data_name(self) -> str:
@@ -444,54 +524,150 @@ class Trainer:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, self.step)
 
+    def _log_step(self, writer) -> None:
+        """Write the scalars of the last finished step (once) and restart the steps-per-second clock."""
+        if self._last_logs is None or self._logged_step == self.step:
+            return
+        now, (then, then_step) = time.perf_counter(), self._clock
+        self.write_logs(writer, self._last_logs, (self.step - then_step) / max(now - then, 1e-9))
+        self._clock, self._logged_step = (now, self.step), self.step
+
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, run_dir: str) -> TrainResult:
-        """Train into `run_dir` (its `checkpoints/` and `logs/`) from the current step to the last."""
+        """Train into `run_dir` (its `checkpoints/` and `logs/`) from the current step to the last.
+
+        In the main thread, SIGTERM stops the run like Ctrl-C (`TrainingInterrupted`).
+        """
         self.run_dir, self.ckpt_dir = run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)
         start = self.step + 1
+        self._clock = (time.perf_counter(), self.step)
         writer = SummaryWriter(os.path.join(self.run_dir, "logs"), purge_step=start if start > 1 else None)
         prefetcher = BatchPrefetcher(self.make_batch, range(start, self.total + 1), self.cfg.data_buffer_size)
         bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True)
         self.editor.set_train(True)
-        try:
-            prefetcher.start()
-            self._loop(start, prefetcher, writer, bar)
-            if self.saved_step != self.step:
-                self.save()
-        except KeyboardInterrupt:
-            raise self._interrupted() from None
-        finally:
-            prefetcher.close()
-            bar.close()
-            writer.close()
-            self.editor.set_train(False)
+        with terminate_like_ctrl_c():
+            try:
+                prefetcher.start()
+                self._loop(start, prefetcher, writer, bar)
+                if self.saved_step != self.step:
+                    self.save()
+                self._log_step(writer)
+            except BaseException as exc:  # noqa: BLE001 - every way out saves the last finished step
+                with deferred_interrupts(redeliver=False) as more:
+                    prefetcher.close()
+                    stop = self._stopped(exc, start, writer, more)
+                if stop is None:
+                    raise
+                raise stop from None
+            finally:
+                with deferred_interrupts(redeliver=False):
+                    prefetcher.close()
+                    bar.close()
+                    writer.close()
+                    self.editor.set_train(False)
         return TrainResult(self.run_dir, self.last_checkpoint, self.step, dict(self.losses))
 
     def _loop(self, start: int, prefetcher: BatchPrefetcher, writer, bar) -> None:
-        last_log_time, last_log_step = time.perf_counter(), self.step
         for step in range(start, self.total + 1):
-            logs = self.train_one(step, prefetcher.get(step))
+            self.train_one(step, prefetcher.get(step))
             bar.update(1)
             bar.set_description(f"epoch {self.epoch}/{self.cfg.epochs}")
             bar.set_postfix(loss=f"{self.loss:.4f}", ema=f"{self.ema:.4f}")
             if step % self.cfg.log_every == 0:
-                now = time.perf_counter()
-                self.write_logs(writer, logs, (step - last_log_step) / max(now - last_log_time, 1e-9))
-                last_log_time, last_log_step = now, step
+                self._log_step(writer)
             if step % self.cfg.save_every == 0:
                 self.save()
                 writer.flush()
 
-    def _interrupted(self) -> TrainingInterrupted:
-        """Save what the finished steps learned and say how to resume."""
+    # ---- stopping early -----------------------------------------------------------------------
+    def _stopped(self, exc: BaseException, start: int, writer, more: list[int]) -> BaseException | None:
+        """Save the last finished step after `exc` stopped the loop; returns the exception to raise.
+
+        None means: re-raise `exc` itself (it got a note naming the checkpoint). Signals received
+        meanwhile (`more`) are held until the checkpoint is complete and then only reported.
+        """
+        if isinstance(exc, KeyboardInterrupt):
+            return self._interrupted(exc, start, writer, more)
+        if isinstance(exc, _NonFinite):
+            return self._diverged(exc, writer)
+        if self._updating:
+            exc.add_note(f"{STOP_NOTE} during the optimizer update of step {self.step + 1}: the parameters may be "
+                         f"half updated, so nothing new was saved; " + self._resume_hint())
+            return None
+        saved = self._save_after_failure(writer)
+        exc.add_note(f"{STOP_NOTE} after step {self.step} (the last finished step); " + saved)
+        return None
+
+    def _save_after_failure(self, writer) -> str:
+        """Save the last finished step after an error; returns what was saved, in words."""
+        with contextlib.suppress(Exception):
+            self._log_step(writer)
+            writer.flush()
+        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients (e.g. after out of memory)
         if self.step > self.saved_step:
-            self.save()
+            try:
+                self.save()
+            except _NonFinite as bad:
+                return f"step {self.step} was not saved: {bad.what}; " + self._resume_hint()
+            except Exception as save_exc:  # noqa: BLE001 - reported, the original error still wins
+                return (f"saving step {self.step} failed too ({type(save_exc).__name__}: {save_exc}); "
+                        + self._resume_hint())
+        return self._resume_hint()
+
+    def _resume_hint(self) -> str:
         if self.last_checkpoint is None:
-            return TrainingInterrupted(f"interrupted before the first step finished; nothing was saved "
-                                       f"(run folder {self.run_dir})", None)
-        return TrainingInterrupted(f"interrupted after step {self.step}; checkpoint {self.last_checkpoint}. "
-                                   f"Resume with the same command plus -lkpt {self.last_checkpoint}",
-                                   self.last_checkpoint)
+            return f"no step had finished, nothing was saved (run folder {self.run_dir})"
+        return (f"checkpoint {self.last_checkpoint} holds step {self.saved_step}. Resume with the same command "
+                f"plus -lkpt {self.last_checkpoint}")
+
+    def _interrupted(self, exc: BaseException, start: int, writer, more: list[int]) -> TrainingInterrupted:
+        """Ctrl-C / SIGTERM: save what the finished steps learned and say how to resume."""
+        signum = signal_of(exc)
+        what = f"interrupted ({signal_label(signum)})"
+        saved = self._save_after_failure(writer)
+        held = (f" ({' and '.join(signal_label(s) for s in dict.fromkeys(more))} received while the checkpoint "
+                f"was written: the write finished first)") if more else ""
+        if self.step < start:
+            if self.last_checkpoint is None:
+                return TrainingInterrupted(f"{what} before the first step finished; nothing was saved "
+                                           f"(run folder {self.run_dir})", None, signum)
+            return TrainingInterrupted(f"{what} before step {start} finished; nothing new to save; {saved}",
+                                       self.last_checkpoint, signum)
+        return TrainingInterrupted(f"{what} after step {self.step}; {saved}{held}", self.last_checkpoint, signum)
+
+    def _diverged(self, exc: _NonFinite, writer) -> TrainingDiverged:
+        """A non-finite loss / gradient / parameter: keep the last finite step and stop."""
+        with contextlib.suppress(Exception):
+            self._log_step(writer)
+            writer.flush()
+        self.optimizer.zero_grad(set_to_none=True)
+        if exc.step == self.step:  # found at save time: this step's update made the parameters non-finite
+            what = f"training diverged: {exc.what}"
+            kept = (f"the last finite checkpoint is {self.last_checkpoint} (step {self.saved_step})"
+                    if self.last_checkpoint else "nothing was saved")
+        else:
+            what = f"training diverged at step {exc.step}: {exc.what}; that step's update was not applied"
+            if self.step > self.saved_step:
+                try:
+                    self.save()
+                except _NonFinite as later:
+                    what += f", and {later.what}"
+            kept = (f"checkpoint {self.last_checkpoint} holds step {self.saved_step}, the last step with a "
+                    f"finite loss and finite parameters" if self.last_checkpoint else
+                    "no step finished with a finite loss, nothing was saved")
+        return TrainingDiverged(f"{what}; {kept}. Lower the learning rate (lr in the editor config, --config) "
+                                f"and train again", self.last_checkpoint, exc.step)
+
+
+def _non_finite_names(named: list[tuple[str, torch.Tensor]], shown: int = 5) -> str:
+    """'a, b (and 3 more)' for the tensors holding inf / nan; '' when all are finite (one sync per device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, tensor in named:
+        by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return ""
+    bad = [name for name, tensor in named if not bool(torch.isfinite(tensor).all())]
+    return ", ".join(bad[:shown]) + (f" (and {len(bad) - shown} more)" if len(bad) > shown else "")
 
 
 def _flatten(logs: dict) -> dict[str, float]:
@@ -512,7 +688,9 @@ def _flatten(logs: dict) -> dict[str, float]:
 def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print) -> TrainResult:
     """Check, load, train; returns the run folder, the final checkpoint and this call's losses.
 
-    Raises UserError for bad settings or files (before any step) and TrainingInterrupted on Ctrl-C.
+    Raises UserError for bad settings or files (before any step), TrainingInterrupted on Ctrl-C or
+    SIGTERM, TrainingDiverged at a non-finite loss or gradient; any other exception raised mid-run
+    comes with a note naming the checkpoint of the last finished step (`stop_note`).
     """
     say = echo or (lambda message: None)
     cls = _check_names(cfg)
@@ -521,13 +699,15 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
                                                   else time_seed())
     _check_editor_config(cls, cfg, resume)
     _, records = load_split(cfg.data_name, "train", cfg.data_dir, cfg.data_limit)
+    fingerprint = data_fingerprint(records, relative_to=cfg.data_dir)
     if resume is not None:
-        _check_resume_fits(cfg, resume, len(records))
+        for note in _check_resume_fits(cfg, resume, len(records), fingerprint):
+            say(note)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     check_lengths(vllm, records)
     seed_everything(seed)
     editor = _build_editor(cls, cfg, vllm, resume)
-    trainer = Trainer(cfg, seed, editor, records, resume)
+    trainer = Trainer(cfg, seed, editor, records, resume, fingerprint)
     run_dir = resume.run_dir if resume else make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix)
     write_run_config(run_dir, dataclasses.replace(cfg, seed=seed, dtype=str(vllm.dtype).replace("torch.", "")), config_to_dict(editor.config),
                      {"num_records": len(records), "steps_per_epoch": trainer.per_epoch,
@@ -545,7 +725,7 @@ def train(cfg: TrainRunConfig) -> str:
     return run_training(cfg).run_dir
 
 
-__all__ = ["TrainRunConfig", "TrainResult", "TrainingInterrupted", "train", "run_training",
+__all__ = ["TrainRunConfig", "TrainResult", "TrainingInterrupted", "TrainingDiverged", "stop_note", "train", "run_training",
            "epoch_order", "batch_indices", "total_steps", "batch_rng", "step_torch_seed", "steps_per_epoch",
            "BatchPrefetcher",
            "Trainer", "make_run_dir", "write_run_config", "deferred_interrupts"]

@@ -11,7 +11,12 @@ Images are paths (resolved against the image root), never pixels.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -36,3 +41,27 @@ class EditRecord:
 
 GENERALITY_TYPES = ("text_rephrase", "image_rephrase")
 LOCALITY_TYPES = ("text_loc", "image_loc")
+
+
+def data_fingerprint(records: Sequence[EditRecord], relative_to: str | None = None) -> str:
+    """SHA-1 of the records' full content (every field, in order): same hash = same data.
+
+    With `relative_to` (the data folder), image paths are hashed relative to it, so the same data
+    read through another spelling of the folder (`data`, `./data`, an absolute path, a copy on
+    another disk) gives the same hash; without it, image paths count as written.
+    """
+    content = [dataclasses.asdict(r) for r in records]
+    if relative_to is not None:
+        content = _relative_images(content, os.path.abspath(relative_to))
+    payload = json.dumps(content, sort_keys=True)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def _relative_images(value, root: str):
+    """`value` (asdict output) with every `image` path made relative to `root`."""
+    if isinstance(value, dict):
+        return {k: (os.path.relpath(os.path.abspath(v), root) if k == "image" and isinstance(v, str)
+                    else _relative_images(v, root)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_images(v, root) for v in value]
+    return value
