@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 import re
 import shutil
 import signal
@@ -247,6 +248,23 @@ def test_an_unexpected_error_saves_the_last_step_then_shows_the_traceback(data_r
     assert err.strip().endswith("RuntimeError: boom in step 4")
 
 
+def break_pixels_keep_header(png_path: str) -> None:
+    """Replace the compressed pixels of a PNG with garbage under valid chunk checksums: the header
+    and Pillow's verify() pass, decoding fails (a file damaged where only a full read notices)."""
+    with open(png_path, "rb") as f:
+        data = f.read()
+    out, pos = bytearray(data[:8]), 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            body = bytes(range(256))[:length].ljust(length, b"\x07")
+        out += length.to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        pos += 12 + length
+    with open(png_path, "wb") as f:
+        f.write(bytes(out))
+
+
 def test_a_corrupt_image_met_mid_run_is_one_line_after_the_checkpoint(tmp_path, capsys):
     data_root = str(tmp_path / "data")
     generate_toyworld(os.path.join(data_root, "toyworld"), n_train=12, n_eval=4, n_pretrain_scenes=2)
@@ -255,8 +273,7 @@ def test_a_corrupt_image_met_mid_run_is_one_line_after_the_checkpoint(tmp_path, 
     first_step = {int(i): step for step in (3, 2, 1) for i in batch_indices(5, step, len(raw), 4)[1]}
     bad = next(i for i, step in first_step.items() if step == 3)  # first needed by step 3
     image = os.path.join(data_root, "toyworld", raw[bad]["image"])
-    with open(image, "wb") as f:
-        f.write(b"not a png")
+    break_pixels_keep_header(image)  # passes the up-front header check, fails when decoded mid-run
     code = train_vllm_editor.main(["-en", "liveedit", "-mn", "tiny-blip2", "-dna", "TOY", "--data_dir", data_root,
                                    "-bs", "4", "-rs", "5", "--max_steps", "6", "-sci", "100",
                                    "--records_dir", str(tmp_path / "records")])
