@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from editors import editor_class, load_editor
+from editors import canonical_editor_name, editor_class, load_editor
 from editors.vllms import load_vllm
 from utils.errors import UserError
 from utils.io import seed_everything
@@ -42,6 +42,6 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, cfg.editor_checkpoint)
-    cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
+    cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=canonical_editor_name(cfg.editor_name),
                               model_name=vllm.name)
     return evaluate(editor, records, cfg)
