@@ -2,6 +2,10 @@
 
 Configs live in `configs/<editor>/<backbone name>.yaml` (e.g. `configs/liveedit/blip2-opt-2.7b.yaml`,
 `configs/liveedit/tiny-blip2.yaml`) and carry the paper's hyper-parameters.
+
+An alias (`ALIASES`, e.g. `ft_vl`, the paper's name of FT-L) is the same editor as its canonical
+name: it reads the canonical config folder (`configs/ft_l/`) and writes results under the canonical
+name, so the two spellings share one result folder (and a rerun under either resumes it).
 """
 from __future__ import annotations
 
@@ -17,21 +21,32 @@ EDITORS = {
     "liveedit": "editors.liveedit.editor:LiveEdit",
     "ft_l": "editors.baselines.ft:FTL",
     "ft_m": "editors.baselines.ft:FTM",
+    "tp_vl": "editors.baselines.tp_vl:TPatcher",
+    "grace": "editors.baselines.grace:GRACE",
     "none": "editors.baselines.noop:NoEdit",
 }
+# alias -> canonical name in EDITORS (the paper's spelling of an editor that exists under another name)
+ALIASES = {"ft_vl": "ft_l"}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def editor_class(name: str):
+def canonical_editor_name(name: str) -> str:
+    """The registry key of editor `name` (any case; an alias gives its canonical name)."""
     key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
+def editor_class(name: str):
+    key = canonical_editor_name(name)
     if key not in EDITORS:
-        raise UserError(f"unknown editor {name!r}; valid editors: {', '.join(sorted(EDITORS))}")
+        raise UserError(f"unknown editor {name!r}; valid editors: {', '.join(sorted(set(EDITORS) | set(ALIASES)))}")
     module, cls = EDITORS[key].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def default_config_path(editor_name: str, vllm_name: str) -> str:
-    return os.path.join(CONFIG_DIR, editor_name.strip().lower(), f"{vllm_name}.yaml")
+    """`configs/<canonical editor name>/<backbone>.yaml` (an alias reads its canonical folder)."""
+    return os.path.join(CONFIG_DIR, canonical_editor_name(editor_name), f"{vllm_name}.yaml")
 
 
 def has_trained_modules(cls) -> bool:

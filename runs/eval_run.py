@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 
-from editors import editor_class, editor_config, has_trained_modules, load_editor
+from editors import canonical_editor_name, editor_class, editor_config, has_trained_modules, load_editor
 from editors.checkpoint import PinnedCheckpoint, check_checkpoint_fits, pin_checkpoint
 from editors.vllms import MARKER_FILE, canonical_name, load_vllm
 from utils.errors import UserError
@@ -76,6 +76,6 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     check_lengths(vllm, records)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
-    cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
+    cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=canonical_editor_name(cfg.editor_name),
                               model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)
     return evaluate(editor, records, cfg)
