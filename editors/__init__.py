@@ -18,6 +18,8 @@ EDITORS = {
     "ft_l": "editors.baselines.ft:FTL",
     "ft_m": "editors.baselines.ft:FTM",
     "none": "editors.baselines.noop:NoEdit",
+    "lemoe_vl": "editors.baselines.lemoe:LEMoE",
+    "wise": "editors.baselines.wise:WISE",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
