@@ -2,7 +2,7 @@
 
 Both methods change what one layer's FFN adds to the residual stream. They do it with two hooks
 that the editor owns:
-- `InputCapture`: a forward pre-hook on an FFN submodule that keeps its latest input (per thread):
+- `InputCapture`: a forward pre-hook on an FFN submodule that keeps its latest input:
   the FFN input (OPT `fc1` / Llama `mlp`, i.e. the post-norm hidden state) for LEMoE, or the
   activation A(x) entering the value matrix (OPT `fc2` / Llama `mlp.down_proj`) for WISE;
 - the editor's `hook_layer(layer, fn)` edit of that layer's output, which adds the method's term.
@@ -19,8 +19,6 @@ Training runs layers `layer..L-1` from the cached output of layer `layer-1` (`ru
 the step LEMoE's reference code meant to take (its layer template had no `{}`, spec W-19).
 """
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import nn
@@ -56,11 +54,14 @@ def submodule(vllm, layer: int, table: dict[str, str], what: str) -> nn.Module:
 
 
 class InputCapture:
-    """Forward pre-hook on `module` that keeps its latest first input, per thread, while `enabled`."""
+    """Forward pre-hook on `module` that keeps its latest first input while `enabled`.
+
+    One slot, not one per thread: these editors assume one thread runs the backbone at a time (the
+    evaluator does; they have no training loop with a prefetch thread)."""
 
     def __init__(self, module: nn.Module):
         self._enabled = False
-        self._local = threading.local()
+        self._value: torch.Tensor | None = None
         self._handle = module.register_forward_pre_hook(self._hook)
 
     @property
@@ -71,19 +72,18 @@ class InputCapture:
     def enabled(self, value: bool) -> None:
         """Switching drops what was kept (a pass under `vllm.unedited()` captures without consuming)."""
         self._enabled = bool(value)
-        self._local.value = None
+        self._value = None
 
     def _hook(self, module, args):
         if self._enabled:
-            self._local.value = args[0]
+            self._value = args[0]
 
     def pop(self, batch_size: int, length: int) -> torch.Tensor | None:
         """The captured input as [b, l, n] (OPT flattens it to [b*l, n]) and forget it; None if none.
 
         Every pass through the layer runs its FFN before the layer's output edit, so what is kept
         always belongs to the pass being edited."""
-        value = getattr(self._local, "value", None)
-        self._local.value = None
+        value, self._value = self._value, None
         if value is None or not self._enabled:
             return None
         return value.reshape(batch_size, length, -1)
