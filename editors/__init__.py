@@ -24,6 +24,8 @@ EDITORS = {
     "tp_vl": "editors.baselines.tp_vl:TPatcher",
     "grace": "editors.baselines.grace:GRACE",
     "none": "editors.baselines.noop:NoEdit",
+    "lemoe_vl": "editors.baselines.lemoe:LEMoE",
+    "wise": "editors.baselines.wise:WISE",
 }
 # alias -> canonical name in EDITORS (the paper's spelling of an editor that exists under another name)
 ALIASES = {"ft_vl": "ft_l"}
