@@ -18,6 +18,7 @@ EDITORS = {
     "ft_l": "editors.baselines.ft:FTL",
     "ft_m": "editors.baselines.ft:FTM",
     "none": "editors.baselines.noop:NoEdit",
+    "mend_vl": "editors.baselines.mend:MENDVL",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
