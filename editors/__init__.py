@@ -26,6 +26,7 @@ EDITORS = {
     "none": "editors.baselines.noop:NoEdit",
     "lemoe_vl": "editors.baselines.lemoe:LEMoE",
     "wise": "editors.baselines.wise:WISE",
+    "mend_vl": "editors.baselines.mend:MENDVL",
 }
 # alias -> canonical name in EDITORS (the paper's spelling of an editor that exists under another name)
 ALIASES = {"ft_vl": "ft_l"}

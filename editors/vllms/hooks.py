@@ -147,6 +147,12 @@ class LayerHooks:
         finally:
             self._local.off -= 1
 
+    def editing(self) -> bool:
+        """True while this thread runs one of the backbone's own passes with edits on (not inside
+        `unedited()`): a forward hook an editor owns on a submodule (e.g. an FFN projection) asks
+        this, so it fires exactly when a layer edit would."""
+        return self._run() is not None and not getattr(self._local, "off", 0)
+
     def capture(self, run: _Run, layer: int) -> "contextlib.AbstractContextManager":
         """While the block runs, the pass of `run` stores layer `layer`'s (edited) output in
         `run.captured` and raises StopForward."""
