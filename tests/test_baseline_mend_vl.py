@@ -20,7 +20,7 @@ from utils.scoring import teacher_forced
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["what color is the shape?", "how many shapes are there in this picture?", "where is the circle?"]
 # An untrained editor with a negative edit lr: each edit is a plain descent step on the target NLL
-# (the identity transform; trained editors learn their lr and transform, see docs/BASELINES-mend.md).
+# (the identity transform; trained editors learn their lr and transform, see docs/BASELINES.md, MEND-VL).
 STRONG = MENDConfig(init_edit_lr=-10.0)
 
 

@@ -13,7 +13,7 @@ MEND (Mitchell et al., ICLR 2022) as the LiveEdit authors ran it for VLLMs (spec
   `vllm.unedited()`, like a layer edit). The backbone's weights never change.
 - Sequential edits keep a running average of ΔW over all edited rows (the authors' behaviour):
   ΔW = (ΔW_old · n_old + Σ_new x̃ᵀ δ̃ · lr) / (n_old + n_new). So each edit's update is diluted by the
-  rows of every other edit of the chunk (see docs/BASELINES-mend.md).
+  rows of every other edit of the chunk (see docs/BASELINES.md, MEND-VL).
 - A batched `edit` call takes all its gradients on the model as it was before the call; one by one,
   each gradient sees the earlier edits. Batched == the rows-weighted average of each request edited
   alone from the same model (a request's rows do not depend on its batch-mates).
