@@ -148,7 +148,7 @@ def test_save_and_load_edits(make_editor, tmp_path):
     editor.restore()
     editor.load_edits(str(tmp_path / "edits"))
     assert torch.equal(vllm(batch), expected) and editor.num_edits == 2
-    with pytest.raises(UserError, match="mend_edits.json"):
+    with pytest.raises(UserError, match="edits.json"):
         editor.load_edits(str(tmp_path / "nothing"))
 
 

@@ -13,15 +13,13 @@ model is bit-identical to the unedited one. Neither editor needs training.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.base import Editor
+from editors.baselines.saved import load_state, save_state
 from utils.errors import UserError
 from utils.records import Sample
 
@@ -30,8 +28,6 @@ MLP_OUT = {"blip2": "fc2", "llava": "mlp.down_proj", "minigpt4": "mlp.down_proj"
 # family -> module path of the vision-to-language bridge inside `vllm.model`
 BRIDGE = {"blip2": "language_projection", "llava": "model.multi_modal_projector.linear_2",
           "minigpt4": "llama_proj"}
-WEIGHT_FILE = "ft_weight.safetensors"
-MANIFEST_FILE = "ft_edits.json"
 
 
 @dataclass
@@ -135,23 +131,14 @@ class FineTuneEditor(Editor):
     # ---- persistence --------------------------------------------------------------------------
     def save_edits(self, directory: str) -> None:
         """Write the tuned weight and the edit count, so `load_edits` can continue a run."""
-        os.makedirs(directory, exist_ok=True)
-        save_file({"weight": self.weight.detach().cpu().contiguous()}, os.path.join(directory, WEIGHT_FILE))
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump({"editor": self.name, "module": self.module_path, "backbone": self.vllm.name,
-                       "num_edits": self._num_edits}, f, indent=2)
+        save_state(directory, {"weight": self.weight}, self._identity() | {"num_edits": self._num_edits})
+
+    def _identity(self) -> dict:
+        return {"editor": self.name, "module": self.module_path, "backbone": self.vllm.name}
 
     def load_edits(self, directory: str) -> None:
-        manifest_path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(manifest_path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if (manifest.get("editor"), manifest.get("module"), manifest.get("backbone")) != \
-                (self.name, self.module_path, self.vllm.name):
-            raise UserError(f"{directory} holds edits of {manifest.get('editor')} on {manifest.get('module')} of "
-                            f"{manifest.get('backbone')}, not of {self.name} on {self.module_path} of {self.vllm.name}")
-        weight = load_file(os.path.join(directory, WEIGHT_FILE))["weight"]
+        tensors, manifest = load_state(directory, self._identity())
+        weight = tensors["weight"]
         if weight.shape != self.weight.shape:
             raise UserError(f"saved weight in {directory} has shape {tuple(weight.shape)}, expected "
                             f"{tuple(self.weight.shape)}")

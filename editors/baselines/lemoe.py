@@ -27,23 +27,19 @@ row's routing is the same in teacher forcing, in `generate` and at any batch siz
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.base import Editor
 from editors.baselines.ffn_hooks import (FFN_INPUT, FFN_VALUE, InputCapture, check_pre_norm, hidden_before,
                                          masked_mean, query_mask, resolve_layer, submodule, target_nll)
+from editors.baselines.saved import load_state, save_state
 from utils.errors import UserError
 from utils.records import Sample
 
-TENSOR_FILE = "lemoe_experts.safetensors"
-MANIFEST_FILE = "lemoe_edits.json"
 PARTS = ("c1", "r1", "c2", "r2", "key", "w_down", "w_up")
 
 
@@ -220,30 +216,16 @@ class LEMoE(Editor):
 
     def save_edits(self, directory: str) -> None:
         """Experts and generator state (safetensors) + the pending requests (a JSON manifest)."""
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"{n}.{part}": t.detach().cpu().contiguous() for n, e in enumerate(self.experts)
-                   for part, t in e.items()}
+        tensors = {f"{n}.{part}": t for n, e in enumerate(self.experts) for part, t in e.items()}
         tensors["generator"] = self._gen.get_state()
-        save_file(tensors, os.path.join(directory, TENSOR_FILE))
         pending = [{"prompt": r.prompt, "target": r.target, "image": r.image} for r in self.pending]
         if any(p["image"] is not None and not isinstance(p["image"], str) for p in pending):
             raise UserError("lemoe_vl can only save pending edits whose image is a file path")
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump(self._identity() | {"experts": len(self.experts), "trained_edits": self._trained,
-                                          "pending": pending}, f, indent=2)
+        save_state(directory, tensors, self._identity() | {"experts": len(self.experts),
+                                                            "trained_edits": self._trained, "pending": pending})
 
     def load_edits(self, directory: str) -> None:
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        mine = self._identity()
-        differing = sorted(k for k in mine if manifest.get(k) != mine[k])
-        if differing:
-            raise UserError(f"{directory} holds {self.name} edits that do not fit this editor (differs in: "
-                            f"{', '.join(differing)})")
-        tensors = load_file(os.path.join(directory, TENSOR_FILE))
+        tensors, manifest = load_state(directory, self._identity())
         self.experts = [{part: tensors[f"{n}.{part}"].to(self.vllm.device) for part in PARTS}
                         for n in range(int(manifest["experts"]))]
         self._gen.set_state(tensors["generator"])

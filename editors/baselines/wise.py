@@ -18,24 +18,20 @@ of Large Language Models"): edits go to a side copy of one FFN value matrix, rou
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from editors.base import Editor
 from editors.baselines.ffn_hooks import (FFN_VALUE, InputCapture, check_pre_norm, hidden_before, masked_mean,
                                          query_mask, resolve_layer, submodule, target_nll)
+from editors.baselines.saved import load_state, save_state
 from editors.baselines.wise_memory import SideMemory
 from utils.errors import UserError
 from utils.records import Sample
-
-TENSOR_FILE = "wise_memory.safetensors"
-MANIFEST_FILE = "wise_edits.json"
 
 
 @dataclass
@@ -252,24 +248,11 @@ class WISE(Editor):
 
     def save_edits(self, directory: str) -> None:
         """Side memory (base, shards, masks) and generator state (safetensors) + counters (JSON)."""
-        os.makedirs(directory, exist_ok=True)
         tensors = self.memory.tensors() | {"generator": self._gen.get_state()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, TENSOR_FILE))
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump(self._identity() | {"memory": self.memory.state()}, f, indent=2)
+        save_state(directory, tensors, self._identity() | {"memory": self.memory.state()})
 
     def load_edits(self, directory: str) -> None:
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        mine = self._identity()
-        differing = sorted(k for k in mine if manifest.get(k) != mine[k])
-        if differing:
-            raise UserError(f"{directory} holds {self.name} edits that do not fit this editor (differs in: "
-                            f"{', '.join(differing)})")
-        tensors = load_file(os.path.join(directory, TENSOR_FILE))
+        tensors, manifest = load_state(directory, self._identity())
         self.memory.load(tensors, manifest["memory"])
         self._gen.set_state(tensors["generator"])
         self._capture.enabled = self.memory.effective is not None

@@ -21,17 +21,15 @@ Training (the learned transforms and per-module edit learning rates) is in `trai
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.base import TrainableEditor
+from editors.baselines.saved import load_state, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .config import MENDConfig
@@ -41,8 +39,6 @@ from .networks import GradientTransform
 FFN_LINEARS = {"blip2": ("fc1", "fc2"),
                "llava": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
                "minigpt4": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-DELTA_FILE = "mend_deltas.safetensors"
-MANIFEST_FILE = "mend_edits.json"
 
 
 @dataclass
@@ -221,25 +217,15 @@ class MENDVL(TrainableEditor):
     # ---- persistence -------------------------------------------------------------------------------------
     def save_edits(self, directory: str) -> None:
         """Write each module's running ΔW (safetensors) and its row count (JSON manifest)."""
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"delta.{i}": d.detach().cpu().contiguous() for i, d in enumerate(self._deltas) if d is not None}
-        save_file(tensors, os.path.join(directory, DELTA_FILE))
-        manifest = {"editor": self.name, "backbone": self.vllm.name, "modules": [t.path for t in self.targets],
-                    "rows": self._rows, "num_edits": self._num_edits}
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
+        tensors = {f"delta.{i}": d for i, d in enumerate(self._deltas) if d is not None}
+        save_state(directory, tensors, self._identity() | {"rows": self._rows, "num_edits": self._num_edits})
+
+    def _identity(self) -> dict:
+        """What saved edits must match to load: editor, backbone and the edited modules."""
+        return {"editor": self.name, "backbone": self.vllm.name, "modules": [t.path for t in self.targets]}
 
     def load_edits(self, directory: str) -> None:
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        mine = {"editor": self.name, "backbone": self.vllm.name, "modules": [t.path for t in self.targets]}
-        theirs = {k: manifest.get(k) for k in mine}
-        if theirs != mine:
-            raise UserError(f"{path} holds edits of {theirs}, not of {mine}")
-        tensors = load_file(os.path.join(directory, DELTA_FILE))
+        tensors, manifest = load_state(directory, self._identity())
         deltas = []
         for i, t in enumerate(self.targets):
             delta = tensors.get(f"delta.{i}")
