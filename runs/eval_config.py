@@ -21,8 +21,9 @@ class EvalConfig:
 
     sequential_edit_n: int = flag("-sen", "--sequential_edit_n", help="edits per sequential chunk")
     editor_name: str = flag("-en", "--editor_name", default="", required=True,
-                            help="editor: liveedit, ft_l (alias ft_vl), ft_m, tp_vl, grace, none (any case); its "
-                                 "canonical name is the result folder name (Python API default: editor.name)")
+                            help="editor: liveedit, ft_l (alias ft_vl), ft_m, tp_vl, grace, lemoe_vl, wise, mend_vl, "
+                                 "none (any case); its canonical name is the result folder name (Python API "
+                                 "default: editor.name)")
     model_name: str = flag("-mn", "--edit_model_name", default="", required=True,
                            help="backbone: blip2 / llava / minigpt4 (or full names), or tiny-blip2 / tiny-llava / "
                                 "tiny-minigpt4; the result folder uses the full name")

@@ -18,7 +18,7 @@ class TrainRunConfig:
     """Every setting of a run; written to the run's config.yaml (with the seed actually used)."""
 
     editor_name: str = flag("-en", "--editor_name", group=WHAT,
-                            help="editor to train, e.g. liveedit (case-insensitive)")
+                            help="editor to train: liveedit or mend_vl (case-insensitive)")
     model_name: str = flag("-mn", "--edit_model_name", group=WHAT,
                            help="backbone: blip2, llava, minigpt4, a full name (blip2-opt-2.7b, ...) or tiny-blip2 / "
                                 "tiny-llava / tiny-minigpt4 (small random models for tests and the demo)")
