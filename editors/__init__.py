@@ -18,6 +18,9 @@ EDITORS = {
     "ft_l": "editors.baselines.ft:FTL",
     "ft_m": "editors.baselines.ft:FTM",
     "none": "editors.baselines.noop:NoEdit",
+    "serac_vl": "editors.baselines.serac:SERAC",
+    "recipe_vl": "editors.baselines.recipe:RECIPE",
+    "lte_vl": "editors.baselines.lte:LTE",
 }
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -11,6 +11,7 @@ import dataclasses
 import sys
 
 from editors import editor_class, load_editor
+from editors.vllms.paths import set_aux_flag_paths
 from editors.vllms import load_vllm
 from utils.errors import UserError
 from utils.io import seed_everything
@@ -41,6 +42,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device)
+    set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, cfg.editor_checkpoint)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=cfg.editor_name.strip().lower(),
                               model_name=vllm.name)

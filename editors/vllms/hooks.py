@@ -147,6 +147,10 @@ class LayerHooks:
         finally:
             self._local.off -= 1
 
+    def editing(self) -> bool:
+        """False inside `unedited()` in this thread (the input prefixes of `VLLM.prepare` obey it too)."""
+        return not getattr(self._local, "off", 0)
+
     def capture(self, run: _Run, layer: int) -> "contextlib.AbstractContextManager":
         """While the block runs, the pass of `run` stores layer `layer`'s (edited) output in
         `run.captured` and raises StopForward."""
