@@ -122,11 +122,12 @@ def check_save_load(name: str, tmp_path, **overrides) -> None:
         editor.remove()
 
 
-def train_losses(name: str, records, steps: int, batch_size: int = 4, **overrides) -> list[float]:
-    """Losses of `steps` steps on `records` (cycled), the editor's own optimiser."""
-    vllm = tiny_vllm("tiny-blip2")
+def train_losses(name: str, records, steps: int, batch_size: int = 4, vllm=None, **overrides) -> list[float]:
+    """Losses of `steps` steps on `records` (cycled), the editor's own optimiser (on the shared
+    tiny-blip2 unless `vllm` is given: an editor that trains the LLM needs its own)."""
+    vllm = vllm or tiny_vllm("tiny-blip2")
     torch.manual_seed(0)
-    editor = build(name, **overrides)
+    editor = build(name, vllm=vllm, **overrides)
     losses = []
     try:
         editor.set_train(True)
