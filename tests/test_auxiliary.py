@@ -119,3 +119,46 @@ def test_add_input_prefix_applies_in_prepare_but_not_unedited_and_detaches():
     finally:
         handle.remove()
     assert vllm.prepare(["what shape is shown?"], [make_image(2)], ["square"]).length == plain.length
+
+
+# ---- the editors' configs on every backbone ---------------------------------------------------------
+
+EDITORS = ("serac_vl", "recipe_vl", "lte_vl")
+BACKBONES = ("blip2-opt-2.7b", "llava-v1.5-7b", "minigpt-4-vicuna-7b", "tiny-blip2", "tiny-llava", "tiny-minigpt4")
+
+
+@pytest.mark.parametrize("editor", EDITORS)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_configs_parse_and_name_the_right_aux_models(editor, backbone):
+    from editors import default_config_path, editor_class
+    from editors.auxiliary import REAL_AUX
+    from utils.config import config_to_dict, load_config
+
+    cfg = config_to_dict(load_config(editor_class(editor).config_class, default_config_path(editor, backbone)))
+    names = [v for k, v in cfg.items() if k.endswith("_model")]
+    assert names and all((n in TINY_AUX) == backbone.startswith("tiny-") for n in names)
+    assert all(n in TINY_AUX or n in REAL_AUX for n in names)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("editor", EDITORS)
+@pytest.mark.parametrize("backbone", ["tiny-llava", "tiny-minigpt4"])
+def test_editors_edit_and_score_on_the_llama_backbones(editor, backbone):
+    """Each editor builds from its config on the other families, edits, changes nothing before the
+    edit, and restores bit for bit."""
+    from editors import load_editor
+    from utils.records import Sample
+
+    vllm = tiny_vllm(backbone)
+    batch_args = (["what shape is shown?", "nq question: where"], [make_image(3), None], ["a circle", "zalu"])
+    before = vllm(vllm.prepare(*batch_args))
+    ed = load_editor(editor, vllm)
+    try:
+        ed.edit([Sample("what shape is shown?", "a circle", make_image(3))])
+        assert ed.num_edits == 1
+        out = vllm(vllm.prepare(*batch_args))
+        assert out.shape[0] == 2 and torch.isfinite(out).all()
+        ed.restore()
+        assert torch.equal(vllm(vllm.prepare(*batch_args)), before)
+    finally:
+        ed.remove()
