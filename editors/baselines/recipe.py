@@ -196,7 +196,8 @@ class RECIPE(TrainableEditor):
                   os.path.join(directory, MEMORY_FILE))
         with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
             json.dump({"editor": self.name, "backbone": self.vllm.name,
-                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None] for r in self.requests]}, f, indent=1)
+                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
+                                    for r in self.requests]}, f, indent=1)
 
     def load_edits(self, directory: str) -> None:
         from safetensors.torch import load_file

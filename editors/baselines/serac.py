@@ -147,7 +147,8 @@ class SERAC(TrainableEditor):
         save_file(tensors, os.path.join(directory, MEMORY_FILE))
         with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
             json.dump({"editor": self.name, "backbone": self.vllm.name, "num_edits": self.num_edits,
-                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None] for r in self.requests]}, f, indent=1)
+                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
+                                    for r in self.requests]}, f, indent=1)
 
     def load_edits(self, directory: str) -> None:
         from safetensors.torch import load_file
