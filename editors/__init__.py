@@ -27,6 +27,9 @@ EDITORS = {
     "lemoe_vl": "editors.baselines.lemoe:LEMoE",
     "wise": "editors.baselines.wise:WISE",
     "mend_vl": "editors.baselines.mend:MENDVL",
+    "serac_vl": "editors.baselines.serac:SERAC",
+    "recipe_vl": "editors.baselines.recipe:RECIPE",
+    "lte_vl": "editors.baselines.lte:LTE",
 }
 # alias -> canonical name in EDITORS (the paper's spelling of an editor that exists under another name)
 ALIASES = {"ft_vl": "ft_l"}

@@ -41,6 +41,10 @@ class EvalConfig:
                                      help="evaluate only the first N records")
     model_path: str | None = flag("--model_path", default=None,
                                   help="local weight folder (else env var / configs/model_paths.yaml)")
+    aux_model_paths: list[str] = flag("--aux_model_path", default=[], action="append", metavar="NAME=FOLDER",
+                                      help="local folder of an auxiliary model a baseline uses (bert-base-cased, "
+                                           "opt-125m, roberta-base, multi-qa-mpnet-base-dot-v1); repeat per model "
+                                           "(else LIVEEDIT_<NAME>_PATH or configs/model_paths.yaml)")
     data_dir: str = flag("--data_dir", default="data", help="folder holding easy-edit-mm/, VLKEB/, toyworld/")
     config_path: str | None = flag("--config", default=None,
                                    help="editor YAML (default: configs/<editor>/<model>.yaml)")
@@ -81,6 +85,9 @@ class EvalConfig:
     """metrics_vs_edits.png in the result folder."""
 
     def __post_init__(self) -> None:
+        from editors.vllms.paths import parse_aux_flags
+
+        parse_aux_flags(self.aux_model_paths)  # NAME=FOLDER each, else a UserError naming the flag
         if self.sequential_edit_n < 1:
             raise UserError(f"-sen/--sequential_edit_n must be at least 1, got {self.sequential_edit_n}")
         if self.batch_size < 1:

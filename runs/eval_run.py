@@ -15,6 +15,7 @@ import sys
 from editors import canonical_editor_name, editor_class, editor_config, has_trained_modules, load_editor
 from editors.checkpoint import PinnedCheckpoint, check_checkpoint_fits, pin_checkpoint
 from editors.vllms import MARKER_FILE, canonical_name, load_vllm
+from editors.vllms.paths import set_aux_flag_paths
 from utils.errors import UserError
 from utils.io import read_json, seed_everything
 
@@ -75,6 +76,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     check_lengths(vllm, records)
+    set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=canonical_editor_name(cfg.editor_name),
                               model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)

@@ -43,6 +43,11 @@ class TrainRunConfig:
     model_path: str | None = flag("--model_path", default=None, group=WHERE,
                                   help="local folder of the backbone weights (else the environment variable or "
                                        "paths YAML described in the README)")
+    aux_model_paths: list[str] = flag("--aux_model_path", default=[], group=WHERE, action="append",
+                                      metavar="NAME=FOLDER",
+                                      help="local folder of an auxiliary model a baseline uses (bert-base-cased, "
+                                           "opt-125m, roberta-base, multi-qa-mpnet-base-dot-v1); repeat per model "
+                                           "(else LIVEEDIT_<NAME>_PATH or configs/model_paths.yaml)")
     data_dir: str = flag("--data_dir", default="data", group=WHERE,
                          help="folder holding the datasets, and toyworld/ for TOY (default: %(default)s)")
     records_dir: str = flag("--records_dir", default="records", group=WHERE,
@@ -76,6 +81,9 @@ class TrainRunConfig:
 
     def __post_init__(self) -> None:
         """Range checks of the numeric settings; each failure names the flag to change."""
+        from editors.vllms.paths import parse_aux_flags
+
+        parse_aux_flags(self.aux_model_paths)  # NAME=FOLDER each, else a UserError naming the flag
         checks = [
             (self.batch_size >= 1, "-bs/--batch_size must be at least 1"),
             (self.epochs >= 1, "-eps/--epochs must be at least 1 (epochs are 1-based and inclusive)"),

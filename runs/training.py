@@ -57,7 +57,7 @@ from editors import default_config_path, editor_class, load_editor
 from editors.checkpoint import (CHECKPOINTS_DIR, load_editor_weights, load_trainer_state, read_meta,
                                 resolve_checkpoint, restore_optimizer, save_checkpoint)
 from editors.vllms import TINY_NAMES, canonical_name, load_vllm
-from editors.vllms.paths import resolve_model_path
+from editors.vllms.paths import resolve_model_path, set_aux_flag_paths
 from utils.config import config_to_dict, from_dict, load_config
 from utils.data import canonical_dataset_name
 from utils.devices import resolve_device
@@ -706,6 +706,7 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
     check_lengths(vllm, records)
     seed_everything(seed)
+    set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = _build_editor(cls, cfg, vllm, resume)
     trainer = Trainer(cfg, seed, editor, records, resume, fingerprint)
     run_dir = resume.run_dir if resume else make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix)

@@ -18,9 +18,19 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from .batch import VLLMBatch, position_ids_from_mask
+from .batch import VLLMBatch, position_ids_from_mask, with_prefix
 from .hooks import EditFn, LayerEdit, LayerHooks, StopForward  # noqa: F401  (StopForward: re-exported)
 from .stack import DecoderStack
+
+
+class InputPrefix:
+    """Handle of one input-prefix function on a backbone: `remove()` detaches it (idempotent)."""
+
+    def __init__(self, vllm: "VLLM", fn):
+        self._vllm, self.fn = vllm, fn
+
+    def remove(self) -> None:
+        self._vllm._input_prefixes = tuple(h for h in self._vllm._input_prefixes if h is not self)
 
 
 class VLLM(nn.Module):
@@ -42,6 +52,7 @@ class VLLM(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.name = name
         self.hooks = LayerHooks(stack.layers)  # layer edits and the per-thread call they receive
+        self._input_prefixes: tuple[InputPrefix, ...] = ()  # editors' prefix functions (see `add_input_prefix`)
         self.model.eval().requires_grad_(False)
 
     # ---- subclass API -------------------------------------------------------------------------
@@ -140,7 +151,20 @@ class VLLM(nn.Module):
                 vision = (at, at + len(feat))
                 t_start += len(feat)
             rows.append((embeds, token_ids, vision, t_start))
-        return self._pad(rows, with_image, padding_side)
+        batch = self._pad(rows, with_image, padding_side)
+        if self._input_prefixes and self.hooks.edits_on():
+            for handle in self._input_prefixes:
+                batch = with_prefix(batch, handle.fn(list(prompts), images), padding_side)
+        return batch
+
+    def add_input_prefix(self, fn) -> "InputPrefix":
+        """Let an editor put embeddings in front of rows: on every later `prepare` (scoring, generation,
+        training batches), `fn(prompts, images)` returns per row a [p, d] tensor or None, and
+        `batch.with_prefix` inserts it before the row (spans and labels move with the row). Off inside
+        `unedited()`. Returns the handle (`.remove()`)."""
+        handle = InputPrefix(self, fn)
+        self._input_prefixes = self._input_prefixes + (handle,)
+        return handle
 
     def _pad(self, rows, with_image, padding_side) -> VLLMBatch:
         b, length = len(rows), max(len(r[0]) for r in rows)

@@ -46,6 +46,56 @@ class VLLMBatch:
                             else getattr(self, f.name)[start:end] for f in fields(self)})
 
 
+def with_prefix(batch: VLLMBatch, prefixes, padding_side: str = "right") -> VLLMBatch:
+    """`batch` with `prefixes[i]` ([p_i, d] embeddings, or None for none) put before row i's tokens.
+
+    The prefix goes in front of everything the row holds (its image and BOS too); spans, labels and
+    label positions move with the row, so scoring still reads the target's logits, and the prefix
+    positions carry no label (token id -1, outside every span). The result is padded on
+    `padding_side` like the input. Differentiable in the prefix embeddings (continuous prompts train
+    through it).
+    """
+    lens = [0 if p is None else int(p.shape[0]) for p in prefixes]
+    if len(lens) != batch.size:
+        raise ValueError(f"{len(lens)} prefixes for a batch of {batch.size} rows")
+    if not any(lens):
+        return batch
+    mask = batch.attention_mask.bool()  # [b, l]
+    n_real = mask.sum(1).tolist()
+    starts = mask.int().argmax(1).tolist()  # first real position of each row
+    length = max(n + p for n, p in zip(n_real, lens))
+    dev, dtype = batch.inputs_embeds.device, batch.inputs_embeds.dtype
+    d = batch.inputs_embeds.shape[-1]
+    embeds, shifts = [], []
+    new = {k: torch.zeros(batch.size, length, dtype=getattr(batch, k).dtype, device=dev)
+           for k in ("attention_mask", "labels", "label_mask")}
+    new["token_ids"] = torch.full((batch.size, length), -1, dtype=torch.long, device=dev)
+    for i, (n, p, s) in enumerate(zip(n_real, lens, starts)):
+        off = 0 if padding_side == "right" else length - n - p
+        shift = off + p - s  # old position t of this row -> t + shift
+        shifts.append(shift)
+        parts = [batch.inputs_embeds[i, s:s + n]]  # [n, d]
+        if p:
+            parts.insert(0, prefixes[i].to(dev, dtype))  # [p, d]
+        pad = batch.inputs_embeds.new_zeros(length - n - p, d)
+        embeds.append(torch.cat([pad] + parts if padding_side == "left" else parts + [pad]))
+        new["attention_mask"][i, off:off + n + p] = 1
+        new["token_ids"][i, off + p:off + p + n] = batch.token_ids[i, s:s + n]
+        new["labels"][i, off + p:off + p + n] = batch.labels[i, s:s + n]
+        new["label_mask"][i, off + p:off + p + n] = batch.label_mask[i, s:s + n]
+    shift = torch.tensor(shifts, device=dev)[:, None]  # [b, 1]
+
+    def moved(spans):  # [b, 2]; empty spans stay [0, 0] when they were (text-only rows' vision)
+        empty = (spans[:, 1] <= spans[:, 0]) & (spans[:, 0] == 0)
+        return torch.where(empty[:, None], spans, spans + shift)
+
+    return VLLMBatch(inputs_embeds=torch.stack(embeds), attention_mask=new["attention_mask"],
+                     position_ids=position_ids_from_mask(new["attention_mask"]), token_ids=new["token_ids"],
+                     vision_spans=moved(batch.vision_spans), query_spans=batch.query_spans + shift,
+                     target_spans=batch.target_spans + shift, labels=new["labels"],
+                     label_mask=new["label_mask"], has_image=batch.has_image)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip padding on either side: 0, 1, 2, ... over the real tokens."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [b, l]

@@ -147,11 +147,15 @@ class LayerHooks:
         finally:
             self._local.off -= 1
 
+    def edits_on(self) -> bool:
+        """False inside `unedited()` in this thread (the input prefixes of `VLLM.prepare` obey it)."""
+        return not getattr(self._local, "off", 0)
+
     def editing(self) -> bool:
         """True while this thread runs one of the backbone's own passes with edits on (not inside
         `unedited()`): a forward hook an editor owns on a submodule (e.g. an FFN projection) asks
         this, so it fires exactly when a layer edit would."""
-        return self._run() is not None and not getattr(self._local, "off", 0)
+        return self._run() is not None and self.edits_on()
 
     def capture(self, run: _Run, layer: int) -> "contextlib.AbstractContextManager":
         """While the block runs, the pass of `run` stores layer `layer`'s (edited) output in

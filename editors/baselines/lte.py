@@ -1,0 +1,196 @@
+"""LTE-VL (spec §7 "LTE-VL"): Learning to Edit — retrieve the edit, prepend it, with a fine-tuned LLM.
+
+Memory: per edit, the retriever's embedding of `prompt + ' ' + target` (the aux sentence encoder,
+multi-qa-mpnet: pooled last hidden states, L2-normalised) and the backbone input embeddings of the
+edit prefix "[Updated Information]" + prompt + " " + target + "\\n[Query]" WITH the edit's image
+(one `prepare` row, built at edit time). Inference: `prepare` asks `_prefixes` (the backbone's
+input-prefix extension): the query's prompt text is encoded, and when the best cosine is > 0.3 the
+edit's prefix goes before the query row; labels stay on the query's target, so the prefix's logits
+are dropped. Batched editing: yes (a chunk adds its rows to the memory; each is independent).
+
+Training fine-tunes the whole LLM (`trainable_modules` = the decoder stack: embeddings, layers,
+final norm, LM head), so a checkpoint holds the LLM weights; loading it puts them into the
+backbone. The model under evaluation is that fine-tuned LLM: `restore()` empties the memory,
+which gives back exactly the fine-tuned LLM with no prefix — the paper's "before editing" model
+that locality is measured against. It does not bring back the original backbone's weights
+(`remove()` neither): that model is not LTE's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.auxiliary import REAL_AUX, TINY_AUX, encode_texts, load_aux, masked_pool
+from editors.base import TrainableEditor
+from utils.errors import UserError
+from utils.records import EditRecord, Sample
+from .trained_common import real_rows
+
+MEMORY_FILE = "lte_memory.safetensors"
+MANIFEST_FILE = "lte_edits.json"
+
+
+@dataclass
+class LTEConfig:
+    """LTE-VL's hyper-parameters (the authors' values as defaults)."""
+
+    retriever_model: str = "multi-qa-mpnet-base-dot-v1"
+    """Aux sentence encoder (`tiny-mpnet` on the tiny backbones)."""
+    pooling: str = "mean"
+    """Sentence embedding pooling: mean | cls (a sentence-transformers folder's 1_Pooling says which)."""
+    retrieve_threshold: float = 0.3
+    """Retrieve the best edit when its cosine similarity is above this."""
+    prefix_head: str = "[Updated Information]"
+    prefix_tail: str = "\n[Query]"
+    lr: float = 5e-6
+    """Adam learning rate of the LLM."""
+    rel_lambda: float = 1.0
+    gen_lambda: float = 1.0
+    loc_lambda: float = 1.0
+    seed: int = 0
+    """Seeds the tiny aux stand-in."""
+
+    def __post_init__(self):
+        if self.retriever_model not in REAL_AUX and self.retriever_model not in TINY_AUX:
+            raise UserError(f"LTE config retriever_model={self.retriever_model!r} is not an auxiliary model; "
+                            f"valid: {', '.join(sorted(REAL_AUX) + list(TINY_AUX))}")
+        if self.pooling not in ("mean", "cls"):
+            raise UserError(f"LTE config pooling must be mean or cls, got {self.pooling!r}")
+        if not (math.isfinite(self.retrieve_threshold) and -1 <= self.retrieve_threshold <= 1):
+            raise UserError(f"LTE config retrieve_threshold is a cosine in [-1, 1], got {self.retrieve_threshold}")
+        if not self.lr > 0:
+            raise UserError(f"LTE config lr must be > 0, got {self.lr}")
+        for key in ("rel_lambda", "gen_lambda", "loc_lambda"):
+            if getattr(self, key) < 0:
+                raise UserError(f"LTE config {key} must be >= 0, got {getattr(self, key)}")
+
+
+class LTE(TrainableEditor):
+    name = "lte_vl"
+    config_class = LTEConfig
+    supports_batch_edit = True  # adding to the retrieval memory: each edit is independent
+    saves_edits = True          # the memory (keys and prefix embeddings)
+
+    def __init__(self, vllm, config: LTEConfig):
+        super().__init__(vllm, config)
+        self.retriever = load_aux(config.retriever_model, vllm.device, seed=config.seed)
+        self.retriever.model.requires_grad_(False)
+        self.pooling = self.retriever.pooling if self.retriever.pooling != "mean" else config.pooling
+        self.keys = torch.zeros(0, self.retriever.width, device=vllm.device)  # [m, w] unit vectors
+        self.prefix_embeds: list[torch.Tensor] = []                            # per edit [p, D]
+        self.requests: list[Sample] = []
+        self.reference = None  # frozen copy of the original LLM, made for training only (pre logits)
+        self.is_training = False
+        self._prefix = vllm.add_input_prefix(self._prefixes)
+
+    # ---- Editor API ----------------------------------------------------------------------------
+    @property
+    def num_edits(self) -> int:
+        return len(self.requests)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"llm": self.vllm.stack}
+
+    def set_train(self, mode: bool) -> None:
+        """The LLM gets gradients while training; it stays in eval mode (no dropout), like the frozen
+        features of the other editors; a frozen copy of it gives the locality references."""
+        self.vllm.stack.requires_grad_(mode)
+        self.vllm.stack.eval()
+        self.is_training = mode
+
+    def remove(self) -> None:
+        super().remove()
+        self._prefix.remove()
+
+    def restore(self) -> None:
+        self.keys, self.prefix_embeds, self.requests = self.keys[:0], [], []
+
+    def prefix_text(self, request: Sample) -> str:
+        return f"{self.config.prefix_head}{request.prompt} {request.target}{self.config.prefix_tail}"
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> unit sentence embeddings [n, w]."""
+        hidden, mask, _ = encode_texts(self.retriever, texts)
+        return nn.functional.normalize(masked_pool(hidden, mask, (self.pooling,)).float(), dim=-1)
+
+    @torch.no_grad()
+    def edit(self, requests: list[Sample]) -> None:
+        """Add each request's key and edit prefix (with its image) to the memory."""
+        if not requests:
+            return
+        self.keys = torch.cat([self.keys, self.encode([f"{r.prompt} {r.target}" for r in requests])])
+        with self.vllm.unedited():
+            batch = self.vllm.prepare([self.prefix_text(r) for r in requests], [r.image for r in requests], None)
+        self.prefix_embeds.extend(real_rows(batch.inputs_embeds, batch.attention_mask))
+        self.requests.extend(requests)
+
+    def save_edits(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {"keys": self.keys.cpu().contiguous()}
+        tensors.update({f"prefix.{i}": e.cpu().contiguous() for i, e in enumerate(self.prefix_embeds)})
+        save_file(tensors, os.path.join(directory, MEMORY_FILE))
+        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
+            json.dump({"editor": self.name, "backbone": self.vllm.name, "num_edits": self.num_edits,
+                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
+                                    for r in self.requests]}, f, indent=1)
+
+    def load_edits(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, MANIFEST_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
+        with open(path) as f:
+            manifest = json.load(f)
+        if (manifest.get("editor"), manifest.get("backbone")) != (self.name, self.vllm.name):
+            raise UserError(f"{directory} holds edits of {manifest.get('editor')} on {manifest.get('backbone')}, "
+                            f"not of {self.name} on {self.vllm.name}")
+        tensors = load_file(os.path.join(directory, MEMORY_FILE), device=str(self.vllm.device))
+        self.keys = tensors["keys"]
+        self.prefix_embeds = [tensors[f"prefix.{i}"] for i in range(int(manifest["num_edits"]))]
+        self.requests = [Sample(p, t, im) for p, t, im in manifest["requests"]]
+
+    # ---- retrieval -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def retrieve(self, prompts: list[str]) -> list[int | None]:
+        """Per query prompt, its most similar edit if the cosine is > the threshold, else None."""
+        if not self.requests:
+            return [None] * len(prompts)
+        best, which = (self.encode(list(prompts)) @ self.keys.T).max(dim=1)  # [n]
+        return [int(j) if b > self.config.retrieve_threshold else None
+                for b, j in zip(best.tolist(), which.tolist())]
+
+    def _prefixes(self, prompts: list[str], images) -> list[torch.Tensor | None]:
+        if self.is_training or not self.requests:
+            return [None] * len(prompts)
+        return [None if j is None else self.prefix_embeds[j] for j in self.retrieve(prompts)]
+
+    # ---- training (see lte_training.py) -------------------------------------------------------------
+    def make_optimizer(self):
+        """Adam over the LLM; also keeps a frozen copy of the LLM as it is now (the original backbone:
+        the trainer asks for the optimiser before it loads a checkpoint to resume from), whose
+        predictions are the locality references (the authors' second model copy)."""
+        from .lte_training import frozen_copy
+
+        if self.reference is None:
+            self.reference = frozen_copy(self.vllm.stack)
+        return torch.optim.Adam(self.vllm.stack.parameters(), lr=self.config.lr), None
+
+    def training_batch(self, records: list[EditRecord], rng: np.random.Generator):
+        from .lte_training import prepare_batch
+
+        return prepare_batch(self, records, rng)
+
+    def train_step(self, batch) -> dict[str, float]:
+        from .lte_training import train_step
+
+        return train_step(self, batch)
