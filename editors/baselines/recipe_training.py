@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from editors.vllms.batch import with_prefix
 from .recipe import knowledge_text
-from .trained_common import GEN, LOC, REL, draw_samples, kl, nll, unedited_logprobs
+from .trained_common import LOC, REL, draw_samples, kl, nll, unedited_logprobs
 
 
 @dataclass

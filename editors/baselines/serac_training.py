@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .trained_common import (GEN, LOC, REL, draw_samples, kl, logits_after_last_layer, nll, real_rows,
+from .trained_common import (LOC, REL, draw_samples, kl, logits_after_last_layer, nll, real_rows,
                              unedited_logprobs)
 
 
