@@ -440,6 +440,9 @@ def _evaluate_locked(editor, records: Sequence[EditRecord], cfg: EvalConfig, pro
     progress.start(run_identity(cfg, editor, records, editor_name, model_name), config)
     chunks = split_into_chunks(records, cfg.sequential_edit_n, keep_partial=cfg.keep_partial_chunk or cfg.lifelong)
     done = progress.finished_chunks(len(chunks))
+    # chunks this call runs: after `done`, those without a file (a torchrun rank may have finished later ones)
+    to_run = len(chunks) - done if cfg.lifelong else sum(not os.path.isfile(progress.chunk_path(k))
+                                                         for k in range(done, len(chunks)))
     run = _Run(editor, records, cfg, chunks, progress, ScalarLog(folder, cfg.tensorboard and done < len(chunks)),
                config=config)
     editor.restore()
@@ -452,7 +455,7 @@ def _evaluate_locked(editor, records: Sequence[EditRecord], cfg: EvalConfig, pro
     finally:
         editor.restore()
         run.log.close()
-    return _finalize(run, folder, chunks_run=len(chunks) - done, chunks_resumed=done)
+    return _finalize(run, folder, chunks_run=to_run, chunks_resumed=len(chunks) - to_run)
 
 
 def _run_chunks(run: _Run, start: int) -> None:
