@@ -34,6 +34,8 @@ def run(cfg: EvalConfig) -> int:
     from runs.eval_run import run_evaluation
 
     outcome = run_evaluation(cfg)
+    if outcome is None:  # a torchrun rank other than 0: its chunk files are written, rank 0 merges
+        return 0
     if outcome.already_complete:
         print(f"already evaluated ({outcome.chunks_resumed} chunks); pass --overwrite to redo it")
     print(format_table(outcome.total_mean))
@@ -49,16 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(from_args(EvalConfig, args))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank()}{exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a results folder that cannot be written (read-only, full, a file in the way)
         from utils.io import os_error_line
 
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"error: {_rank()}{os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume after the last finished chunk", file=sys.stderr)
         return 130
+
+
+def _rank() -> str:
+    """'rank R of N: ' under torchrun, so each rank's error line says which rank it comes from."""
+    from runs.distributed import rank_prefix
+
+    return rank_prefix()
 
 
 if __name__ == "__main__":

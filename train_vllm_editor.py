@@ -86,7 +86,7 @@ def _report(exc: Exception) -> int | None:
 
     training = sys.modules.get("runs.training")  # not imported yet: the error came before training
     if training is not None and isinstance(exc, training.TrainingDiverged):
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank()}{exc}", file=sys.stderr)
         return EXIT_DIVERGED
     if training is not None and isinstance(exc, training.TrainingInterrupted):
         print(str(exc), file=sys.stderr)
@@ -96,17 +96,24 @@ def _report(exc: Exception) -> int | None:
         print(note, file=sys.stderr)
         exc.__notes__.remove(note)  # printed once, before the error
     if isinstance(exc, UserError):
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank()}{exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(exc, OSError):  # a run folder that cannot be written (read-only, full, a file in the way)
         from utils.io import os_error_line
 
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"error: {_rank()}{os_error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     if note is None:
         return None
     traceback.print_exception(exc)
     return EXIT_ERROR
+
+
+def _rank() -> str:
+    """'rank R of N: ' under torchrun, so each rank's error line says which rank it comes from."""
+    from runs.distributed import rank_prefix
+
+    return rank_prefix()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ class TrainableEditor(Editor):
     """An editor with learned modules (LiveEdit): adds the hooks the trainer calls."""
 
     needs_training: ClassVar[bool] = True
+    # True: under torchrun, `training_batch` keeps only this rank's rows of the global batch
+    # (utils/distributed.py `Shard`) and `train_step`'s loss is this rank's share (the sum over ranks
+    # is the one-process loss; the trainer sums the gradients over ranks). False: one process only.
+    supports_sharded_training: ClassVar[bool] = False
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Name -> module; their state dicts make the checkpoint (keys `<name>.<param>`)."""

@@ -73,6 +73,10 @@ class EvalConfig:
         help="for a routing editor (LiveEdit): whether each query's own expert is selected, experts selected "
              "per query, the own expert's soft weight, the share of M-Loc probes routed; written as 'routing' "
              "in mean_results.json and TensorBoard (one extra pass to the edit layer per scored image sample)")
+    dist_timeout: float | None = flag(
+        "--dist_timeout", default=None,
+        help="torchrun only: seconds a rank waits for the others in a collective (joining, the start) before "
+             "failing with a message naming it (default: the environment variable LIVEEDIT_DIST_TIMEOUT, else 600)")
     results_dir: str = flag("--results_dir", default="eval_results", help="root folder of the results")
     seed: int = flag("--seed", default=0, help="seeds torch, numpy and the lifelong checkpoint sample")
     show_progress: bool = flag("--no_progress", default=True, action="store_false",
@@ -94,6 +98,8 @@ class EvalConfig:
             raise UserError(f"--eval_batch_size must be at least 1, got {self.batch_size}")
         if self.data_sample_n is not None and self.data_sample_n < 1:
             raise UserError(f"-dsn/--data_sample_n must be at least 1, got {self.data_sample_n}")
+        if self.dist_timeout is not None and self.dist_timeout <= 0:
+            raise UserError(f"--dist_timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.lifelong_sample_n < 1:
             raise UserError(f"lifelong_sample_n must be at least 1, got {self.lifelong_sample_n}")
         if self.dtype not in DTYPE_CHOICES:

@@ -19,6 +19,7 @@ from editors.vllms.paths import set_aux_flag_paths
 from utils.errors import UserError
 from utils.io import read_json, seed_everything
 
+from runs import distributed
 from runs.data import check_lengths, load_split
 from runs.eval_config import EvalConfig
 from runs.evaluation import EvalOutcome, evaluate
@@ -68,16 +69,27 @@ def expected_backbone(cfg: EvalConfig) -> str:
     return canonical_name(cfg.model_name)
 
 
-def run_evaluation(cfg: EvalConfig) -> EvalOutcome:
-    """Evaluate `cfg.editor_name` on `cfg.model_name` as `cfg` says (resuming a finished part)."""
+def run_evaluation(cfg: EvalConfig) -> EvalOutcome | None:
+    """Evaluate `cfg.editor_name` on `cfg.model_name` as `cfg` says (resuming a finished part).
+
+    Under torchrun the chunks are shared out over the ranks (runs/eval_shards.py): rank 0 returns
+    the outcome, the other ranks None."""
+    group, device = distributed.setup(cfg.device, cfg.dist_timeout)
+    try:
+        return _run_evaluation(cfg, group, device)
+    finally:
+        distributed.shutdown(group)
+
+
+def _run_evaluation(cfg: EvalConfig, group: distributed.Group, device: str) -> EvalOutcome | None:
     check_trained(cfg.editor_name, cfg.editor_checkpoint, cfg.allow_untrained)
     pinned = check_checkpoint(cfg)
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype)
     check_lengths(vllm, records)
     set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)
     cfg = dataclasses.replace(cfg, data_name=data_name, editor_name=canonical_editor_name(cfg.editor_name),
                               model_name=vllm.name, editor_checkpoint=pinned.path if pinned else None)
-    return evaluate(editor, records, cfg)
+    return evaluate(editor, records, cfg, group)

@@ -24,6 +24,9 @@ Files, under `<results_dir>/<editor>/<model>/<DATA>[-postfix]/{sequential,lifelo
                                       the last finished chunk
     .lock                             held while a run writes here: a second run into the same
                                       folder is refused (a dead holder's lock is taken over)
+
+Under torchrun the chunks of the sequential protocol are shared out over the ranks
+(`runs/eval_shards.py`); the chunks are independent, so the files are those of one process.
 """
 from __future__ import annotations
 
@@ -406,8 +409,15 @@ class _Run:
         return self.editor.vllm
 
 
-def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig) -> EvalOutcome:
-    """Run (or resume) the sequential evaluation of `editor` on `records`; write and return results."""
+def evaluate(editor, records: Sequence[EditRecord], cfg: EvalConfig, group=None) -> EvalOutcome | None:
+    """Run (or resume) the sequential evaluation of `editor` on `records`; write and return results.
+
+    `group` (runs/distributed.py) of a torchrun launch shares the chunks out over the ranks; rank 0
+    returns the outcome, the other ranks None."""
+    if group is not None and group.distributed:
+        from runs.eval_shards import evaluate_sharded
+
+        return evaluate_sharded(editor, records, cfg, group)
     if not records:
         raise UserError("no records to evaluate (check the dataset and -dsn)")
     if cfg.batch_size < 1:
@@ -430,6 +440,9 @@ def _evaluate_locked(editor, records: Sequence[EditRecord], cfg: EvalConfig, pro
     progress.start(run_identity(cfg, editor, records, editor_name, model_name), config)
     chunks = split_into_chunks(records, cfg.sequential_edit_n, keep_partial=cfg.keep_partial_chunk or cfg.lifelong)
     done = progress.finished_chunks(len(chunks))
+    # chunks this call runs: after `done`, those without a file (a torchrun rank may have finished later ones)
+    to_run = len(chunks) - done if cfg.lifelong else sum(not os.path.isfile(progress.chunk_path(k))
+                                                         for k in range(done, len(chunks)))
     run = _Run(editor, records, cfg, chunks, progress, ScalarLog(folder, cfg.tensorboard and done < len(chunks)),
                config=config)
     editor.restore()
@@ -442,12 +455,15 @@ def _evaluate_locked(editor, records: Sequence[EditRecord], cfg: EvalConfig, pro
     finally:
         editor.restore()
         run.log.close()
-    return _finalize(run, folder, chunks_run=len(chunks) - done, chunks_resumed=done)
+    return _finalize(run, folder, chunks_run=to_run, chunks_resumed=len(chunks) - to_run)
 
 
 def _run_chunks(run: _Run, start: int) -> None:
     bar = tqdm(total=len(run.chunks), initial=start, desc="chunks", unit="chunk", disable=not run.cfg.show_progress)
     for k in range(start, len(run.chunks)):
+        if not run.cfg.lifelong and os.path.isfile(run.progress.chunk_path(k)):  # finished by a torchrun rank
+            bar.update(1)
+            continue
         summary = _lifelong_chunk(run, k) if run.cfg.lifelong else _chunk(run, k)
         write_json_atomic(run.progress.chunk_path(k), summary, indent=None)
         run.log.log(summary["mean"], k + 1)

@@ -25,7 +25,9 @@ class TrainRunConfig:
     data_name: str = flag("-dna", "--data_name", group=WHAT,
                           help="training data: EVQA, EIC, VLKEB or TOY (the generated toy world, made on first use)")
     batch_size: int = flag("-bs", "--batch_size", group=WHAT,
-                           help="edit records per training step; the last batch of an epoch may be smaller")
+                           help="edit records per training step, the GLOBAL batch: under torchrun it is split "
+                                "over the ranks (it must be divisible by their number) and the steps are those of "
+                                "one process; the last batch of an epoch may be smaller")
     data_limit: int | None = flag("-dn", "--data_n", default=None, group=WHAT,
                                   help="use only the first N training records (default: all)")
     config_path: str | None = flag("--config", default=None, group=WHAT,
@@ -73,6 +75,10 @@ class TrainRunConfig:
     data_buffer_size: int = flag("-dbs", "--data_buffer_size", default=4, group=LOOP,
                                  help="batches prepared ahead by the data thread; 0 = prepare in the main thread "
                                       "(default: %(default)s)")
+    dist_timeout: float | None = flag(
+        "--dist_timeout", default=None, group=WHERE,
+        help="torchrun only: seconds a rank waits for the others in a collective before failing with a message "
+             "naming it (default: the environment variable LIVEEDIT_DIST_TIMEOUT, else 600)")
     resume_from: str | None = flag(
         "-lkpt", "--load_ckpt_path", default=None, group=LOOP, type=none_or_value,
         help="resume from this checkpoint (a step-N folder, its editor.safetensors, or a run folder for its "
@@ -93,6 +99,7 @@ class TrainRunConfig:
             (0.0 < self.ema_alpha <= 1.0, "-ea/--ema_alpha must be in (0, 1]"),
             (self.data_buffer_size >= 0, "-dbs/--data_buffer_size must be 0 or more"),
             (self.data_limit is None or self.data_limit >= 1, "-dn/--data_n must be at least 1"),
+            (self.dist_timeout is None or self.dist_timeout > 0, "--dist_timeout must be a positive number of seconds"),
             (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"),
         ]
         for ok, message in checks:

@@ -29,6 +29,13 @@ Differences from the paper's loop (spec §5.3-5.4, W-7, W-9, W-10, W-29):
 * The prefetch thread is a daemon whose exceptions reach the main thread (no silent hang).
 * config.yaml records the batch size and the seed.
 
+Under torchrun (`runs/distributed.py`, docs/DISTRIBUTED.md) every rank runs this same loop on the
+same global batches: the editor computes its rank's rows of each batch (`supports_sharded_training`),
+the gradients are summed over ranks before the update, and the logged loss is the global one, so N
+ranks at -bs B compute the steps of one process at -bs B. Rank 0 alone writes the run folder,
+config.yaml, checkpoints and TensorBoard. A Ctrl-C / SIGTERM on any rank is noted and, after the
+step, all ranks agree to stop (rank 0 saves).
+
 Editors' contract with this trainer: `training_batch(records, rng)` runs in the prefetch thread
 under `torch.no_grad`, concurrently with `train_step` of an earlier batch, and must draw random
 numbers from `rng` only (not from torch's global generator); use `data_buffer_size=0` to prepare
@@ -54,8 +61,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from editors import default_config_path, editor_class, load_editor
-from editors.checkpoint import (CHECKPOINTS_DIR, load_editor_weights, load_trainer_state, read_meta,
-                                resolve_checkpoint, restore_optimizer, save_checkpoint)
+from editors.checkpoint import (CHECKPOINTS_DIR, checkpoint_name, load_editor_weights, load_trainer_state,
+                                read_meta, resolve_checkpoint, restore_optimizer, save_checkpoint)
 from editors.vllms import TINY_NAMES, canonical_name, load_vllm
 from editors.vllms.paths import resolve_model_path, set_aux_flag_paths
 from utils.config import config_to_dict, from_dict, load_config
@@ -65,6 +72,7 @@ from utils.errors import UserError
 from utils.io import seed_everything, write_yaml_atomic
 from utils.records import data_fingerprint
 
+from runs import distributed
 from runs.data import check_lengths, load_split
 from runs.signals import deferred_interrupts, signal_label, signal_of, terminate_like_ctrl_c
 from runs.train_config import TrainRunConfig
@@ -420,8 +428,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainRunConfig, seed: int, editor, records: list, resume: _Resume | None = None,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, group: distributed.Group | None = None):
         self.cfg, self.seed, self.editor, self.records = cfg, seed, editor, records
+        self.group = group or distributed.Group()
         self.n = len(records)
         self.per_epoch = steps_per_epoch(self.n, cfg.batch_size)
         self.total = total_steps(cfg, self.n)
@@ -439,6 +448,7 @@ class Trainer:
         self._clock = (time.perf_counter(), 0)        # (time, step) of the last scalars written
         if resume is not None:
             self._restore(resume)
+        distributed.broadcast_parameters(self.group, [p for _, p in self._named_parameters])
 
     def _restore(self, resume: _Resume) -> None:
         load_editor_weights(self.editor, resume.folder)
@@ -463,6 +473,7 @@ class Trainer:
         torch.manual_seed(step_torch_seed(self.seed, step))
         self.optimizer.zero_grad(set_to_none=True)
         logs = self.editor.train_step(batch)
+        distributed.sum_gradients(self.group, [p for _, p in self._named_parameters], step)
         if not isinstance(logs, dict) or "Loss" not in logs:
             raise TypeError(f"{type(self.editor).__name__}.train_step must return a dict with a 'Loss' entry")
         loss = float(logs["Loss"])
@@ -504,8 +515,11 @@ class Trainer:
                  "data_fingerprint": self.fingerprint,
                  "data_name": self._data_name(), "editor": self.editor.name, "backbone": self.editor.vllm.name}
         with deferred_interrupts():
-            self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.editor, self.optimizer, self.scheduler,
-                                                   state)
+            if self.group.is_main:
+                self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.editor, self.optimizer, self.scheduler,
+                                                       state)
+            else:  # rank 0 writes the run's one checkpoint set
+                self.last_checkpoint = os.path.join(self.ckpt_dir, checkpoint_name(self.step))
             self.saved_step = self.step
         return self.last_checkpoint
 
@@ -541,21 +555,29 @@ class Trainer:
         self.run_dir, self.ckpt_dir = run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)
         start = self.step + 1
         self._clock = (time.perf_counter(), self.step)
-        writer = SummaryWriter(os.path.join(self.run_dir, "logs"), purge_step=start if start > 1 else None)
+        main = self.group.is_main
+        writer = (SummaryWriter(os.path.join(self.run_dir, "logs"), purge_step=start if start > 1 else None)
+                  if main else _NoWriter())
         prefetcher = BatchPrefetcher(self.make_batch, range(start, self.total + 1), self.cfg.data_buffer_size)
-        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, disable=not main)
         self.editor.set_train(True)
+        # torchrun: a signal only notes a stop request; the ranks agree after each step (see _loop)
+        requests = deferred_interrupts(redeliver=False) if self.group.distributed else contextlib.nullcontext([])
         with terminate_like_ctrl_c():
             try:
-                prefetcher.start()
-                self._loop(start, prefetcher, writer, bar)
-                if self.saved_step != self.step:
-                    self.save()
-                self._log_step(writer)
+                with requests as requested:
+                    prefetcher.start()
+                    self._loop(start, prefetcher, writer, bar, requested)
+                    if self.saved_step != self.step:
+                        self.save()
+                    self._log_step(writer)
             except BaseException as exc:  # noqa: BLE001 - every way out saves the last finished step
                 with deferred_interrupts(redeliver=False) as more:
                     prefetcher.close()
                     stop = self._stopped(exc, start, writer, more)
+                    if self.group.distributed and isinstance(exc, KeyboardInterrupt):
+                        with contextlib.suppress(distributed.PeerFailure):  # the others exit once rank 0 saved
+                            distributed.barrier(self.group, "waiting for rank 0's checkpoint")
                 if stop is None:
                     raise
                 raise stop from None
@@ -567,7 +589,7 @@ class Trainer:
                     self.editor.set_train(False)
         return TrainResult(self.run_dir, self.last_checkpoint, self.step, dict(self.losses))
 
-    def _loop(self, start: int, prefetcher: BatchPrefetcher, writer, bar) -> None:
+    def _loop(self, start: int, prefetcher: BatchPrefetcher, writer, bar, requested: list[int]) -> None:
         for step in range(start, self.total + 1):
             self.train_one(step, prefetcher.get(step))
             bar.update(1)
@@ -578,6 +600,10 @@ class Trainer:
             if step % self.cfg.save_every == 0:
                 self.save()
                 writer.flush()
+            if self.group.distributed and step < self.total:  # did any rank get Ctrl-C / SIGTERM?
+                signum = distributed.agreed_stop(self.group, requested, self.editor.vllm.device)
+                if signum:
+                    raise distributed.interrupt_for(signum)
 
     # ---- stopping early -----------------------------------------------------------------------
     def _stopped(self, exc: BaseException, start: int, writer, more: list[int]) -> BaseException | None:
@@ -659,6 +685,19 @@ class Trainer:
                                 f"and train again", self.last_checkpoint, exc.step)
 
 
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0 (rank 0 alone writes the run's logs)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _non_finite_names(named: list[tuple[str, torch.Tensor]], shown: int = 5) -> str:
     """'a, b (and 3 more)' for the tensors holding inf / nan; '' when all are finite (one sync per device)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -692,27 +731,56 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     SIGTERM, TrainingDiverged at a non-finite loss or gradient; any other exception raised mid-run
     comes with a note naming the checkpoint of the last finished step (`stop_note`).
     """
+    cls = _check_names(cfg)
+    _check_sharding(cls, cfg, distributed.launched_world_size())  # before waiting for the other ranks
+    group, device = distributed.setup(cfg.device, cfg.dist_timeout)
+    try:
+        return _run_training(cfg, echo if group.is_main else None, group, device)
+    finally:
+        distributed.shutdown(group)
+
+
+def _check_sharding(cls, cfg: TrainRunConfig, world: int) -> None:
+    """Under torchrun: the editor must compute per-rank rows, and -bs must split evenly over the ranks."""
+    if world <= 1:
+        return
+    if not cls.supports_sharded_training:
+        raise UserError(f"editor {cfg.editor_name} cannot train under torchrun with {world} processes (it "
+                        f"does not split a batch over ranks); run it in one process (python train_vllm_editor.py)")
+    if cfg.batch_size % world:
+        raise UserError(f"-bs/--batch_size {cfg.batch_size} is the global batch, split over the {world} "
+                        f"torchrun processes: it must be divisible by {world}")
+
+
+def _run_training(cfg: TrainRunConfig, echo, group: distributed.Group, device: str) -> TrainResult:
+    """`run_training` once this process has joined its torchrun group (if any)."""
     say = echo or (lambda message: None)
     cls = _check_names(cfg)
+    _check_sharding(cls, cfg, group.world)
     resume = _load_resume(cfg)
     seed = cfg.seed if cfg.seed is not None else (int(resume.state["seed"]) if resume and "seed" in resume.state
                                                   else time_seed())
+    seed = distributed.broadcast(group, seed, "agreeing on the seed")  # a clock seed differs per rank
     _check_editor_config(cls, cfg, resume)
     _, records = load_split(cfg.data_name, "train", cfg.data_dir, cfg.data_limit)
     fingerprint = data_fingerprint(records, relative_to=cfg.data_dir)
     if resume is not None:
         for note in _check_resume_fits(cfg, resume, len(records), fingerprint):
             say(note)
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=cfg.device, dtype=cfg.dtype)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype)
     check_lengths(vllm, records)
     seed_everything(seed)
     set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = _build_editor(cls, cfg, vllm, resume)
-    trainer = Trainer(cfg, seed, editor, records, resume, fingerprint)
-    run_dir = resume.run_dir if resume else make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix)
-    write_run_config(run_dir, dataclasses.replace(cfg, seed=seed, dtype=str(vllm.dtype).replace("torch.", "")), config_to_dict(editor.config),
-                     {"num_records": len(records), "steps_per_epoch": trainer.per_epoch,
-                      "total_steps": trainer.total})
+    trainer = Trainer(cfg, seed, editor, records, resume, fingerprint, group)
+    run_dir = resume.run_dir if resume else distributed.on_main(
+        group, lambda: make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix), "creating the run folder")
+    data_info = {"num_records": len(records), "steps_per_epoch": trainer.per_epoch, "total_steps": trainer.total}
+    if group.distributed:
+        data_info["world_size"] = group.world
+    if group.is_main:
+        write_run_config(run_dir, dataclasses.replace(cfg, seed=seed, dtype=str(vllm.dtype).replace("torch.", "")),
+                         config_to_dict(editor.config), data_info)
     say(f"run folder: {run_dir}")
     say(f"seed: {seed}; {len(records)} records, {trainer.per_epoch} steps per epoch, steps "
         f"{trainer.step + 1}..{trainer.total}" + (f" (resumed from {resume.folder})" if resume else ""))

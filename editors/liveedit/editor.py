@@ -34,6 +34,7 @@ class LiveEdit(TrainableEditor):
     supports_batch_edit = True  # one forward for many requests gives the experts of one by one
     saves_edits = True          # the expert repository (safetensors + manifest)
     edits_text_only = False     # hard routing keys are visual: every request needs an image
+    supports_sharded_training = True  # torchrun: rows of the global batch per rank (training.py)
 
     def __init__(self, vllm, config: LiveEditConfig):
         super().__init__(vllm, config)

@@ -15,6 +15,12 @@ Losses (all weights 1 by default):
   loc   sum over locality types of mean_i KL(post || pre) with loc_mask
   soft  InfoNCE over the batch of query similarities + absolute term (positive vs previous row)
   hard  softmax over [edit visual keys | prototype]: neighbours beat the prototype, mismatches lose to it
+
+Under torchrun (`utils/distributed.py`) every rank draws the random choices of the whole global
+batch from the step's rng and computes only its `Shard` of rows; the experts of all C = B edits and
+the edit-side routing features (the in-batch negatives) are gathered from the other ranks with
+gradients, and each mean over the batch becomes this rank's share of it. In one process the shard
+is the whole batch and the arithmetic is unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.distributed import Shard
 from utils.records import EditRecord, Sample
 from .features import expert_residual, prototype_similarity, query_weights, visual_features
 from .routing import gather_spans, similarity
@@ -52,6 +59,7 @@ class LiveEditTrainBatch:
     neighbour_pairs: list[tuple[tuple[str, str], tuple[str, str]]]  # soft routing and L_neib
     prototype_pairs: list[tuple[tuple[str, str], tuple[str, str]]]
     everything: SampleGroup          # all groups' rows in one batch: rel, gen types, loc types, B rows each
+    shard: Shard | None = None       # this process's rows of the global batch (None: all of them)
 
 
 def make_optimizer(editor):
@@ -122,7 +130,11 @@ def _pairs(rng, size, gen_types, loc_types):
 
 @torch.no_grad()
 def prepare_training_batch(editor, records: list[EditRecord], rng: np.random.Generator) -> LiveEditTrainBatch:
-    """Features of one batch of records; the random choices come from `rng` only (resumable)."""
+    """Features of one batch of records; the random choices come from `rng` only (resumable).
+
+    Sharded (torchrun): the choices are drawn for all records, then only this rank's rows are kept
+    (B below is then the shard's width; the masks keep their C = len(records) columns)."""
+    shard = Shard.of(len(records))
     gen_types = [t for t, items in records[0].generality.items() if items]
     loc_types = [t for t, items in records[0].locality.items() if items and items[0].image is not None]
     samples = {(REL, ""): [r.requests[int(rng.integers(len(r.requests)))] for r in records]}
@@ -130,15 +142,21 @@ def prepare_training_batch(editor, records: list[EditRecord], rng: np.random.Gen
                     for t in gen_types})
     samples.update({(LOC, t): [r.locality[t][int(rng.integers(len(r.locality[t])))] for r in records]
                     for t in loc_types})
+    if shard.sharded:
+        samples = {key: [group[i] for i in shard.rows()] for key, group in samples.items()}
     groups, everything = _groups(editor, samples)
     rel = groups[(REL, "")]
     gen = {t: groups[(GEN, t)] for t in gen_types}
     loc = {t: groups[(LOC, t)] for t in loc_types}
     rel_mask, gen_mask, loc_mask = _prefix_masks(rng, len(records))
     neighbour, prototype = _pairs(rng, len(records), gen_types, loc_types)
+    if shard.sharded:
+        rows = shard.rows()
+        rel_mask, gen_mask, loc_mask = rel_mask[rows], gen_mask[rows], loc_mask[rows]  # [width, C]
+        neighbour, prototype = [neighbour[i] for i in rows], [prototype[i] for i in rows]
     device = editor.vllm.device
     return LiveEditTrainBatch(rel, gen, loc, rel_mask.to(device), gen_mask.to(device), loc_mask.to(device),
-                              neighbour, prototype, everything)
+                              neighbour, prototype, everything, shard)
 
 
 # ---- the step -------------------------------------------------------------------------------------------
@@ -167,22 +185,23 @@ def _edited_logits(editor, group: SampleGroup, query_keys, up, down, mask) -> to
                                          positions=group.batch.label_mask).float()  # [n, V]
 
 
-def _per_sample_mean(values: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Token values [n] (in label_mask order) -> mean over each sample's tokens, then over samples."""
+def _per_sample_mean(values: torch.Tensor, label_mask: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Token values [n] (in label_mask order) -> mean over each sample's tokens, then over samples
+    (this rank's share of the global batch's mean)."""
     row_of_token = label_mask.nonzero()[:, 0]  # [n]
     sums = torch.zeros(label_mask.shape[0], device=values.device).index_add(0, row_of_token, values)
-    return (sums / label_mask.sum(1).clamp(min=1)).mean()
+    return shard.mean(sums / label_mask.sum(1).clamp(min=1))
 
 
-def _nll(logits, group) -> torch.Tensor:
+def _nll(logits, group, shard: Shard) -> torch.Tensor:
     labels = group.batch.labels[group.batch.label_mask]  # [n]
-    return _per_sample_mean(F.cross_entropy(logits, labels, reduction="none"), group.batch.label_mask)
+    return _per_sample_mean(F.cross_entropy(logits, labels, reduction="none"), group.batch.label_mask, shard)
 
 
-def _kl_post_pre(logits, group) -> torch.Tensor:
+def _kl_post_pre(logits, group, shard: Shard) -> torch.Tensor:
     post = logits.log_softmax(-1)  # [n, V]
     kl = (post.exp() * (post - group.pre_logprobs)).sum(-1)  # [n]
-    return _per_sample_mean(kl, group.batch.label_mask)
+    return _per_sample_mean(kl, group.batch.label_mask, shard)
 
 
 def _group_order(batch: LiveEditTrainBatch) -> list[tuple[str, str]]:
@@ -199,26 +218,31 @@ def _stack_rows(editor, batch, keys, part):
     return _span_reps(editor, batch.everything, part, rows)  # [B, n, D], [B, n]
 
 
-def _hard_routing_probs(editor, batch, pairs) -> torch.Tensor:
-    """softmax over [S | prototype] where S[j, k] = sim(input visual of A_j, edit visual key of B_k) -> [B, B+1]."""
+def _hard_routing_probs(editor, batch, pairs, shard: Shard) -> torch.Tensor:
+    """softmax over [S | prototype] where S[j, k] = sim(input visual of A_j, edit visual key of B_k) -> [B, C+1]
+    (rows: this rank's records; columns: every record's B_k, gathered)."""
     qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "query")
     va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
     vb, vb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "vision")
     visual_in, summary = visual_features(editor.inpt_extractor, qa, qa_mask, va, va_mask)  # [B, e, md] x2
-    visual_edit = editor.edit_extractor.extract_vision(qb, qb_mask, vb, vb_mask)  # [B, e, md]
-    sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, B]
+    visual_edit = shard.gather(editor.edit_extractor.extract_vision(qb, qb_mask, vb, vb_mask))  # [C, e, md]
+    sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, C]
     prototype = prototype_similarity(editor.inpt_extractor, visual_in, qa, qa_mask, summary, editor.sim_scale)  # [B]
-    return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, B+1]
+    return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, C+1]
 
 
 def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
-    """All losses of one batch, backward on the weighted total; returns the logged scalars."""
+    """All losses of one batch, backward on the weighted total; returns the logged scalars.
+
+    Sharded: B is this rank's rows, C the global batch; the losses and the backward are this rank's
+    share, the logged scalars the global values."""
     cfg, eps = editor.config.train_cfg, editor.config.train_cfg.eps
-    logs: dict[str, float] = {}
-    # experts of the batch's edits (the reliability samples are the edit requests)
+    shard = batch.shard or Shard(batch.rel_mask.shape[0])
+    logs: dict[str, torch.Tensor] = {}
+    # experts of the batch's edits (the reliability samples are the edit requests), of every rank
     keys = editor.make_edit_keys(batch.rel.hidden, batch.rel.batch)
-    query_keys, up, down = keys["query_keys"], keys["up"], keys["down"]  # [C, e, md], [C, r, D] x2
+    query_keys, up, down = (shard.gather(keys[k]) for k in ("query_keys", "up", "down"))  # [C, e, md], [C, r, D] x2
 
     # one pass of layers l_e+1..L over every sample of the step, each row with its own expert mask
     mask_of = {REL: batch.rel_mask, GEN: batch.gen_mask, LOC: batch.loc_mask}
@@ -229,46 +253,46 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
     logits_rel, *logits_rest = logits.split(tokens_per_group)
     logits_gen, logits_loc = logits_rest[:len(batch.gen)], logits_rest[len(batch.gen):]
 
-    rel_loss = _nll(logits_rel, batch.rel)
+    rel_loss = _nll(logits_rel, batch.rel, shard)
     gen_loss = rel_loss.new_zeros(())
     for (name, group), group_logits in zip(batch.gen.items(), logits_gen):
-        term = _nll(group_logits, group)
-        logs[f"Generality loss {name}"] = term.item()
+        term = _nll(group_logits, group, shard)
+        logs[f"Generality loss {name}"] = term
         gen_loss = gen_loss + term
     loc_loss = rel_loss.new_zeros(())
     for (name, group), group_logits in zip(batch.loc.items(), logits_loc):
-        term = _kl_post_pre(group_logits, group)
-        logs[f"Locality loss {name}"] = term.item()
+        term = _kl_post_pre(group_logits, group, shard)
+        logs[f"Locality loss {name}"] = term
         loc_loss = loc_loss + term
 
     # soft routing: input query features of A_j against edit query features of B_k
     qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in batch.neighbour_pairs], "query")
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in batch.neighbour_pairs], "query")
     sim = similarity(editor.inpt_extractor.extract_query(qa, qa_mask),
-                     editor.edit_extractor.extract_query(qb, qb_mask), editor.sim_scale)  # [B, B]
-    diag = torch.arange(sim.shape[0], device=sim.device)
-    relative = -torch.log(torch.softmax(sim, dim=1)[diag, diag] + eps).mean()
-    positive = torch.sigmoid(sim[diag, diag])
-    negative = torch.sigmoid(sim.roll(1, dims=1)[diag, diag])  # the previous record
-    absolute = -(torch.log(positive + eps) + torch.log(1 - negative + eps)).mean()
+                     shard.gather(editor.edit_extractor.extract_query(qb, qb_mask)), editor.sim_scale)  # [B, C]
+    rows, own = shard.diagonal(sim.device)  # [B] x2: row j and its own record's column
+    relative = -shard.mean(torch.log(torch.softmax(sim, dim=1)[rows, own] + eps))
+    positive = torch.sigmoid(sim[rows, own])
+    negative = torch.sigmoid(sim.roll(1, dims=1)[rows, own])  # the previous record
+    absolute = -shard.mean(torch.log(positive + eps) + torch.log(1 - negative + eps))
     soft_loss = relative + absolute
 
     # hard routing: neighbours must beat the prototype, mismatched pairs must lose to it
-    neighbour = -torch.log(_hard_routing_probs(editor, batch, batch.neighbour_pairs)[diag, diag] + eps).mean()
-    prototype = -torch.log(_hard_routing_probs(editor, batch, batch.prototype_pairs)[:, -1] + eps).mean()
+    neighbour = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.neighbour_pairs, shard)[rows, own] + eps))
+    prototype = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.prototype_pairs, shard)[:, -1] + eps))
     hard_loss = neighbour + prototype
 
     total = (cfg.rel_lambda * rel_loss + cfg.gen_lambda * gen_loss + cfg.loc_lambda * loc_loss
              + cfg.soft_routing_lambda * soft_loss + cfg.hard_routing_lambda * hard_loss)
     total.backward()
     logs.update({
-        "Loss": total.item(), "Reliability loss": rel_loss.item(), "Generality loss": gen_loss.item(),
-        "Locality loss": loc_loss.item(),
-        "MoE soft routing relative loss": relative.item(), "MoE soft routing abstract loss": absolute.item(),
-        "MoE soft routing mean abstract positive similarity": positive.mean().item(),
-        "MoE soft routing mean abstract negative similarity": negative.mean().item(),
-        "MoE soft routing loss": soft_loss.item(),
-        "MoE hard routing neighbor loss": neighbour.item(), "MoE hard routing prototype loss": prototype.item(),
-        "MoE hard routing loss": hard_loss.item(),
+        "Loss": total, "Reliability loss": rel_loss, "Generality loss": gen_loss,
+        "Locality loss": loc_loss,
+        "MoE soft routing relative loss": relative, "MoE soft routing abstract loss": absolute,
+        "MoE soft routing mean abstract positive similarity": shard.mean(positive),
+        "MoE soft routing mean abstract negative similarity": shard.mean(negative),
+        "MoE soft routing loss": soft_loss,
+        "MoE hard routing neighbor loss": neighbour, "MoE hard routing prototype loss": prototype,
+        "MoE hard routing loss": hard_loss,
     })
-    return logs
+    return shard.totals(logs)
