@@ -60,6 +60,11 @@ class VLLM(nn.Module):
         return self.stack.layers
 
     @property
+    def prototype_tokens(self) -> int:
+        """Length of LiveEdit's learned visual prototype on this backbone: its image-token count."""
+        return self.num_image_tokens
+
+    @property
     def num_layers(self) -> int:
         return len(self.stack.layers)
 

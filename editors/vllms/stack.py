@@ -88,9 +88,48 @@ class LlamaStack(DecoderStack):
         return self.inner.norm(hidden)
 
 
+class RotaryStack(DecoderStack):
+    """Decoders with rotary embeddings computed once in the inner model (Qwen2 / Qwen2.5-VL / Llama
+    text models of `hf_vlm.py`), 1-D positions [b, l] or multimodal ones [b, l, 3] (M-RoPE).
+
+    The batch keeps positions batch-first ([b, l, 3]: temporal, height, width) so that
+    `VLLMBatch.rows` slices them like every other per-position field; the inner model wants
+    [3, b, l]. Layers of `layer_types` "sliding_attention" get the sliding-window mask.
+    """
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
+        return super().hidden(inputs_embeds, attention_mask, _to_inner(position_ids), cache, use_cache)
+
+    def run_from(self, hidden, attention_mask, position_ids, start: int) -> torch.Tensor:
+        """Layers `start`..L-1 and the final norm applied to `hidden` [b, l, d] (no cache)."""
+        positions = _to_inner(position_ids)  # [b, l] or [3, b, l]
+        text_positions = positions if positions.ndim == 2 else None
+        masks = {"full_attention": create_causal_mask(config=self.config, inputs_embeds=hidden,
+                                                      attention_mask=attention_mask, cache=None,
+                                                      position_ids=text_positions)}
+        layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        if "sliding_attention" in layer_types:
+            from transformers.masking_utils import create_sliding_window_causal_mask
+
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                position_ids=text_positions)
+        rotary = self.inner.rotary_emb(hidden, positions)
+        for i in range(start, len(self.layers)):
+            out = self.layers[i](hidden, attention_mask=masks[layer_types[i]], position_embeddings=rotary,
+                                 position_ids=text_positions, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.inner.norm(hidden)
+
+
+def _to_inner(position_ids: torch.Tensor) -> torch.Tensor:
+    """Batch positions -> the inner model's: [b, l] unchanged, [b, l, 3] -> [3, b, l]."""
+    return position_ids.permute(2, 0, 1) if position_ids.ndim == 3 else position_ids
+
+
 def stack_for(inner: nn.Module, lm_head: nn.Module) -> DecoderStack:
     """Pick the stack class from the inner model's config (`opt` or `llama`)."""
-    families = {"opt": OPTStack, "llama": LlamaStack}
+    families = {"opt": OPTStack, "llama": LlamaStack, "qwen2_5_vl_text": RotaryStack, "qwen2": RotaryStack}
     model_type = inner.config.model_type
     if model_type not in families:
         raise ValueError(f"unsupported language model type {model_type!r}; supported: {sorted(families)}")
