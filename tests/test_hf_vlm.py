@@ -27,7 +27,7 @@ from test_liveedit import (batch_of, editor, force_routing, requests,  # noqa: F
                            test_routed_batch_of_8_equals_8_single_inferences, test_text_only_rows_are_untouched,
                            test_training_logits_equal_hooked_inference_logits_for_a_selected_expert)
 
-HF_TINY = ("tiny-qwen2.5-vl",)
+HF_TINY = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
 _CACHE: dict = {}
 
 
@@ -114,11 +114,15 @@ def test_mrope_positions_are_the_models_own_and_padding_does_not_move_them(vllm)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("layer", [0, 1, 2])
 def test_stop_after_layer_and_resume_match_the_full_forward(vllm, layer):
     batch = vllm.prepare(PROMPTS, varied_images()[:2] + [None], TARGETS)
+    deepstack = {}
+    if batch.vision_layer_inputs is not None:  # Qwen3-VL: the model's own arguments for them
+        mask, per_layer = batch.layer_inputs()["image_mask"], batch.vision_layer_inputs.unbind(2)
+        deepstack = dict(visual_pos_masks=mask, deepstack_visual_embeds=[t[mask] for t in per_layer])
     out = vllm.stack.inner(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids.permute(2, 0, 1), output_hidden_states=True)
+                           position_ids=batch.position_ids.permute(2, 0, 1), output_hidden_states=True, **deepstack)
     hidden = vllm.hidden_at_layer(batch, layer)
     assert torch.equal(hidden, out.hidden_states[layer + 1])
     torch.testing.assert_close(vllm.logits_from_layer(batch, hidden, layer), vllm(batch), atol=1e-6, rtol=1e-6)
@@ -244,7 +248,8 @@ def test_generate_with_the_kv_cache_equals_full_forwards_under_edits(vllm, edito
             batch, inputs_embeds=torch.cat([batch.inputs_embeds, vllm.stack.embed_tokens(torch.tensor([[next_id]]))], 1),
             attention_mask=grow(batch.attention_mask, 1), position_ids=grow(batch.position_ids, batch.position_ids[:, -1:] + 1),
             token_ids=grow(batch.token_ids, next_id), labels=grow(batch.labels, 0),
-            label_mask=grow(batch.label_mask, False))
+            label_mask=grow(batch.label_mask, False),
+            vision_layer_inputs=None if batch.vision_layer_inputs is None else grow(batch.vision_layer_inputs, 0.0))
     assert len(ids) >= 2 and cached == vllm.tokenizer.decode(ids, skip_special_tokens=True)
     edited = vllm(batch)
     editor.restore()

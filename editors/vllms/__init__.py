@@ -17,7 +17,7 @@ from .blip2 import BLIP2
 from .llava import LLaVA
 from .minigpt4 import MiniGPT4
 from .paths import resolve_model_path
-from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen25VL
+from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
 from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
 from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
 
@@ -32,9 +32,10 @@ REAL_BACKBONES = {
     # processor-driven (hf_vlm.py): Qwen/Qwen2.5-VL-7B-Instruct (chat template by default; name + ":raw" for
     # the paper's raw prompts)
     "qwen2.5-vl-7b": (Qwen25VL, "qwen2.5-vl", "qwen2_5_vl"),
+    "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
 }
 FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
-                  "tiny-qwen2.5-vl": "qwen2.5-vl-7b"}
+                  "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b"}
 MARKER_FILE = "liveedit_backbone.json"
 
 

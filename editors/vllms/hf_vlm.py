@@ -125,13 +125,18 @@ class HFVLM(VLLM):
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "offset_mapping")}
         return ids, t_start, extra
 
-    def encode_images(self, image_inputs: dict) -> list[torch.Tensor]:
-        """Processor outputs of several images -> per image [n_i, d] features in the LM's input space."""
+    def encode_images(self, image_inputs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Processor outputs of several images -> per image [n_i, d] features in the LM's input space,
+        and per image [n_i, k, d] features for the first k decoder layers (Qwen3-VL's deepstack; else None)."""
         kwargs = {k: (v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device))
                   for k, v in image_inputs.items() if k in self._feature_args and torch.is_tensor(v)}
-        out = self.model.model.get_image_features(**kwargs, return_dict=True).pooler_output
-        parts = list(out) if isinstance(out, (list, tuple)) else list(out.unbind(0))
-        return [p.reshape(-1, p.shape[-1]) for p in parts]
+        out = self.model.model.get_image_features(**kwargs, return_dict=True)
+        parts = _per_image(out.pooler_output)
+        deep = getattr(out, "deepstack_features", None)  # k levels, each per image
+        if not deep:
+            return parts, None
+        levels = [_per_image(level) for level in deep]  # k x n_images x [n_i, d]
+        return parts, [torch.stack([level[i] for level in levels], dim=1) for i in range(len(parts))]
 
     def prepare(self, prompts: Sequence[str], images: Sequence | None = None,
                 targets: Sequence[str] | None = None, padding_side: str = "right"):
@@ -142,22 +147,28 @@ class HFVLM(VLLM):
             raise ValueError(f"got {b} prompts, {len(images)} images, {len(targets)} targets")
         rows = [self._row(p, t, im) for p, t, im in zip(prompts, targets, images)]
         with_image = [im is not None for im in images]
-        features = iter(self._features([extra for (_, _, extra), has in zip(rows, with_image) if has]))
-        built, positions = [], []
+        features, deep = self._features([extra for (_, _, extra), has in zip(rows, with_image) if has])
+        features, deep = iter(features), iter(deep) if deep is not None else None
+        built, positions, layer_inputs = [], [], []
         for (ids, t_start, extra), has_img in zip(rows, with_image):
             ids = ids.to(self.device)
             is_image = ids == self.image_token_id  # [n]
             embeds = self.stack.embed_tokens(ids)  # [n, d]
-            vision = (0, 0)
+            vision, row_layer = (0, 0), None
             if has_img:
                 feat = next(features)  # [n_img, d]
                 if int(is_image.sum()) != len(feat):
                     raise RuntimeError(f"{self.name}: {int(is_image.sum())} image tokens but {len(feat)} features")
                 embeds = embeds.masked_scatter(is_image[:, None], feat.to(embeds.dtype))
+                if deep is not None:  # [n_img, k, d] -> [n, k, d], 0 outside the image
+                    row_deep = next(deep)
+                    row_layer = embeds.new_zeros(len(ids), *row_deep.shape[1:]).index_put(
+                        (is_image.nonzero().flatten(),), row_deep.to(embeds.dtype))
                 where = is_image.nonzero().flatten()
                 vision = (int(where[0]), int(where[-1]) + 1)
             elif bool(is_image.any()):
                 raise UserError(f"{self.name}: a text-only row holds image tokens")
+            layer_inputs.append(row_layer)
             positions.append(self._positions(ids, extra))
             built.append((embeds, ids.masked_fill(is_image, -1), vision, t_start))
         batch = self._pad(built, with_image, padding_side)
@@ -166,12 +177,19 @@ class HFVLM(VLLM):
             for i, p in enumerate(positions):
                 pos[i, batch.attention_mask[i].bool()] = p
             batch.position_ids = pos
+        shapes = [t.shape[1:] for t in layer_inputs if t is not None]
+        if shapes:  # Qwen3-VL: [b, l, k, d], 0 on text, padding and text-only rows
+            dense = batch.inputs_embeds.new_zeros(b, batch.length, *shapes[0])
+            for i, t in enumerate(layer_inputs):
+                if t is not None:
+                    dense[i, batch.attention_mask[i].bool()] = t
+            batch.vision_layer_inputs = dense
         return batch
 
-    def _features(self, extras: list[dict]) -> list[torch.Tensor]:
-        """Image features of the image rows, one encoder call for all of them."""
+    def _features(self, extras: list[dict]):
+        """Image features of the image rows, one encoder call for all of them (see `encode_images`)."""
         if not extras:
-            return []
+            return [], None
         joined = {k: torch.cat([e[k] for e in extras]) for k in extras[0]
                   if torch.is_tensor(extras[0][k]) and k in self._feature_args}
         return self.encode_images(joined)
@@ -216,6 +234,12 @@ class HFVLM(VLLM):
         return cls(model.to(device), processor, name=name or cls.default_name, prompt_mode=prompt_mode)
 
 
+def _per_image(out) -> list[torch.Tensor]:
+    """A feature output (a tuple per image, or a [n, tokens, d] tensor) -> per image [tokens, d]."""
+    parts = list(out) if isinstance(out, (list, tuple)) else list(out.unbind(0))
+    return [p.reshape(-1, p.shape[-1]) for p in parts]
+
+
 def _qwen_classes():
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -237,3 +261,19 @@ class Qwen25VL(HFVLM):
         ip = processor.image_processor  # size.longest_edge: the most pixels an image is resized to
         longest = getattr(ip.size, "longest_edge", None) or getattr(ip.size, "max_pixels", None) or ip.max_pixels
         return int(longest) // (ip.patch_size * ip.merge_size) ** 2
+
+
+def _qwen3_classes():
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    return Qwen3VLForConditionalGeneration, image_only(Qwen3VLProcessor)
+
+
+class Qwen3VL(Qwen25VL):
+    """Qwen3-VL: Qwen2.5-VL's input format; the vision tower's middle layers also feed the first k
+    decoder layers at the image positions (deepstack: `VLLMBatch.vision_layer_inputs`)."""
+
+    hf_class, processor_class = _qwen3_classes()
+    model_type = "qwen3_vl"
+    family = "qwen3-vl"
+    default_name = "qwen3-vl-8b"
