@@ -277,3 +277,11 @@ def test_train_then_evaluate_liveedit_on_tiny_qwen_from_the_command_line(tmp_pat
     assert evaluate.returncode == 0 and "Traceback" not in evaluate.stderr, evaluate.stderr[-2000:]
     results = glob.glob(str(tmp_path / "results" / "liveedit" / "tiny-qwen2.5-vl" / "TOY" / "*" / "results.json"))
     assert len(results) == 1
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_bad_prototype_length_is_refused_naming_the_key(value):
+    from editors.liveedit.config import LiveEditConfig
+
+    with pytest.raises(UserError, match="vision_prototype_tokens"):
+        LiveEditConfig(vision_prototype_tokens=value)
