@@ -285,3 +285,17 @@ def test_bad_prototype_length_is_refused_naming_the_key(value):
 
     with pytest.raises(UserError, match="vision_prototype_tokens"):
         LiveEditConfig(vision_prototype_tokens=value)
+
+
+def test_a_saved_folder_loads_in_the_mode_the_name_asks_for(vllm, tmp_path):
+    from runs.eval_config import EvalConfig
+    from runs.eval_run import expected_backbone
+
+    save_vllm(hf_tiny(vllm.name + ":raw"), str(tmp_path))
+    assert load_vllm(vllm.name, path=str(tmp_path)).prompt_mode == "chat"
+    raw = load_vllm(vllm.name + ":raw", path=str(tmp_path))
+    assert raw.prompt_mode == "raw" and raw.name == vllm.name + ":raw"
+    for asked in (vllm.name, vllm.name + ":raw"):
+        cfg = EvalConfig(sequential_edit_n=1, editor_name="liveedit", model_name=asked, data_name="TOY",
+                         model_path=str(tmp_path))
+        assert expected_backbone(cfg) == load_vllm(asked, path=str(tmp_path)).name

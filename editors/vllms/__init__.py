@@ -60,8 +60,9 @@ def save_vllm(vllm: VLLM, directory: str) -> None:
     """Save a backbone (tiny or real) so that `load_vllm(vllm.name, directory)` gives it back."""
     os.makedirs(directory, exist_ok=True)
     vllm.save(directory)
-    with open(os.path.join(directory, MARKER_FILE), "w") as f:
-        json.dump({"name": vllm.name, "family": vllm.family}, f)
+    name = vllm.name[:-len(RAW_SUFFIX)] if vllm.name.endswith(RAW_SUFFIX) else vllm.name  # the mode comes
+    with open(os.path.join(directory, MARKER_FILE), "w") as f:                         # from the name asked for
+        json.dump({"name": name, "family": vllm.family}, f)
 
 
 def _check_architecture(path: str, full: str) -> None:
