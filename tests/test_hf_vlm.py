@@ -299,3 +299,19 @@ def test_a_saved_folder_loads_in_the_mode_the_name_asks_for(vllm, tmp_path):
         cfg = EvalConfig(sequential_edit_n=1, editor_name="liveedit", model_name=asked, data_name="TOY",
                          model_path=str(tmp_path))
         assert expected_backbone(cfg) == load_vllm(asked, path=str(tmp_path)).name
+
+
+@torch.no_grad()
+def test_rows_carry_the_deepstack_features_of_those_rows():
+    vllm = hf_tiny("tiny-qwen3-vl")
+    images = [varied_images()[2], None, varied_images()[0]]
+    whole = vllm.prepare(PROMPTS, images, TARGETS)
+    assert whole.vision_layer_inputs.shape[:3] == (3, whole.length, 2)  # both vision layers feed the LM
+    for start, end in ((0, 2), (1, 3), (1, 2)):
+        alone = vllm.prepare(PROMPTS[start:end], images[start:end], TARGETS[start:end])
+        part = whole.rows(start, end)
+        if alone.vision_layer_inputs is None:  # text-only rows: nothing is added
+            assert not part.vision_layer_inputs.any()
+        else:
+            torch.testing.assert_close(part.vision_layer_inputs, alone.vision_layer_inputs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(vllm(part), vllm(alone), atol=1e-5, rtol=1e-5)
