@@ -14,7 +14,7 @@ import sys
 
 from editors import canonical_editor_name, editor_class, editor_config, has_trained_modules, load_editor
 from editors.checkpoint import PinnedCheckpoint, check_checkpoint_fits, pin_checkpoint
-from editors.vllms import MARKER_FILE, canonical_name, load_vllm
+from editors.vllms import MARKER_FILE, RAW_SUFFIX, canonical_name, load_vllm
 from editors.vllms.paths import set_aux_flag_paths
 from utils.errors import UserError
 from utils.io import read_json, seed_everything
@@ -64,8 +64,8 @@ def expected_backbone(cfg: EvalConfig) -> str:
     marker = os.path.join(cfg.model_path, MARKER_FILE) if cfg.model_path else ""
     if marker and os.path.isfile(marker):
         saved = read_json(marker)
-        if isinstance(saved, dict) and isinstance(saved.get("name"), str):
-            return saved["name"]
+        if isinstance(saved, dict) and isinstance(saved.get("name"), str):  # + ":raw" when asked for
+            return saved["name"] + RAW_SUFFIX * canonical_name(cfg.model_name).endswith(RAW_SUFFIX)
     return canonical_name(cfg.model_name)
 
 

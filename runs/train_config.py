@@ -20,8 +20,9 @@ class TrainRunConfig:
     editor_name: str = flag("-en", "--editor_name", group=WHAT,
                             help="editor to train: liveedit or mend_vl (case-insensitive)")
     model_name: str = flag("-mn", "--edit_model_name", group=WHAT,
-                           help="backbone: blip2, llava, minigpt4, a full name (blip2-opt-2.7b, ...) or tiny-blip2 / "
-                                "tiny-llava / tiny-minigpt4 (small random models for tests and the demo)")
+                           help="backbone: blip2, llava, minigpt4, qwen2.5-vl, qwen3-vl, a full name (blip2-opt-2.7b, ...) or "
+                                "tiny-blip2 / tiny-llava / tiny-minigpt4 / tiny-qwen2.5-vl / tiny-qwen3-vl (small random "
+                                "models for tests and the demo)")
     data_name: str = flag("-dna", "--data_name", group=WHAT,
                           help="training data: EVQA, EIC, VLKEB or TOY (the generated toy world, made on first use)")
     batch_size: int = flag("-bs", "--batch_size", group=WHAT,

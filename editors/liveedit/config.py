@@ -81,11 +81,16 @@ class LiveEditConfig:
     repository_dtype: str = "auto"          # dtype of stored keys and experts: auto (= the backbone's) | float32 |
                                             # bfloat16 | float16; the residual's matmuls run in it
     sim_scale: float | None = None          # similarity scale; None = 1/sqrt(module_dim) as in the paper
+    vision_prototype_tokens: int | None = None  # length of the learned visual prototype; None = the backbone's
+                                            # `prototype_tokens` (its fixed image-token count on the paper's
+                                            # backbones; a fixed cap where the count varies by image)
 
     def __post_init__(self) -> None:
         _require([
             (isinstance(self.edit_layer_i, int) and self.edit_layer_i >= 0,
              f"edit_layer_i must be a layer index of 0 or more, got {self.edit_layer_i!r}"),
+            (self.vision_prototype_tokens is None or _positive_int(self.vision_prototype_tokens),
+             f"vision_prototype_tokens must be a positive integer or null, got {self.vision_prototype_tokens!r}"),
             (self.sim_scale is None or self.sim_scale > 0, f"sim_scale must be positive, got {self.sim_scale!r}"),
         ])
         if self.repository_dtype != "auto":

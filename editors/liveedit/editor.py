@@ -43,8 +43,10 @@ class LiveEdit(TrainableEditor):
                             f"0..{vllm.num_layers - 1}; change edit_layer_i in the LiveEdit config")
         rc, d = config.retrieval_editor, vllm.hidden_size
         self.edit_extractor = FeatureExtractor(rc.eqe_n, d, rc.module_dim, rc.cross_att_head_n)
+        # the prototype's length is its own (it is only read as attention keys): the image's token
+        # count may vary, the prototype stays [1, prototype_tokens, D]
         self.inpt_extractor = FeatureExtractor(rc.eqe_n, d, rc.module_dim, rc.cross_att_head_n,
-                                               vision_tokens=vllm.num_image_tokens)
+                                               vision_tokens=config.vision_prototype_tokens or vllm.prototype_tokens)
         self.moegen_c = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # U
         self.moegen_r = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # V
         self.instant_reps_norm = nn.LayerNorm(d)

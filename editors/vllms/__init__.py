@@ -17,15 +17,25 @@ from .blip2 import BLIP2
 from .llava import LLaVA
 from .minigpt4 import MiniGPT4
 from .paths import resolve_model_path
-from .tiny import TINY_NAMES, TinySpec, build_tiny
+from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
+from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
+from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
+
+# every tiny name; a processor-driven one also with RAW_SUFFIX (prompts without the chat template)
+TINY_NAMES = _TINY_PAPER + TINY_VLM_NAMES + tuple(n + RAW_SUFFIX for n in TINY_VLM_NAMES)
 
 # full name -> (class, short alias, model_type in config.json or None when not an HF folder)
 REAL_BACKBONES = {
     "blip2-opt-2.7b": (BLIP2, "blip2", "blip-2"),
     "llava-v1.5-7b": (LLaVA, "llava", "llava"),
     "minigpt-4-vicuna-7b": (MiniGPT4, "minigpt4", None),
+    # processor-driven (hf_vlm.py): Qwen/Qwen2.5-VL-7B-Instruct (chat template by default; name + ":raw" for
+    # the paper's raw prompts)
+    "qwen2.5-vl-7b": (Qwen25VL, "qwen2.5-vl", "qwen2_5_vl"),
+    "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
 }
-FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b"}
+FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
+                  "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b"}
 MARKER_FILE = "liveedit_backbone.json"
 
 
@@ -34,13 +44,15 @@ def vllm_names() -> list[str]:
 
 
 def canonical_name(name: str) -> str:
-    """Any accepted spelling -> `blip2-opt-2.7b` | `llava-v1.5-7b` | `minigpt-4-vicuna-7b` | `tiny-*`."""
+    """Any accepted spelling -> `blip2-opt-2.7b` | `llava-v1.5-7b` | `minigpt-4-vicuna-7b` | `qwen2.5-vl-7b` |
+    `tiny-*`; a processor-driven backbone keeps a trailing `:raw` (the paper's prompts, no chat template)."""
     key = name.strip().lower()
     if key in TINY_NAMES or key in REAL_BACKBONES:
         return key
-    for full, (_, alias, _) in REAL_BACKBONES.items():
-        if key == alias:
-            return full
+    base, raw = (key[:-len(RAW_SUFFIX)], RAW_SUFFIX) if key.endswith(RAW_SUFFIX) else (key, "")
+    for full, (cls, alias, _) in REAL_BACKBONES.items():
+        if base in (full, alias) and (not raw or issubclass(cls, HFVLM)):
+            return full + raw
     raise UserError(f"unknown model name {name!r}; valid names: {', '.join(vllm_names())}")
 
 
@@ -48,8 +60,9 @@ def save_vllm(vllm: VLLM, directory: str) -> None:
     """Save a backbone (tiny or real) so that `load_vllm(vllm.name, directory)` gives it back."""
     os.makedirs(directory, exist_ok=True)
     vllm.save(directory)
-    with open(os.path.join(directory, MARKER_FILE), "w") as f:
-        json.dump({"name": vllm.name, "family": vllm.family}, f)
+    name = vllm.name[:-len(RAW_SUFFIX)] if vllm.name.endswith(RAW_SUFFIX) else vllm.name  # the mode comes
+    with open(os.path.join(directory, MARKER_FILE), "w") as f:                         # from the name asked for
+        json.dump({"name": name, "family": vllm.family}, f)
 
 
 def _check_architecture(path: str, full: str) -> None:
@@ -76,11 +89,15 @@ def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> V
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     tune_cpu_threads(full, device)
+    base, prompt_mode = (full[:-len(RAW_SUFFIX)], "raw") if full.endswith(RAW_SUFFIX) else (full, "chat")
     if full in TINY_NAMES and not path:
-        vllm = build_tiny(full, device=device)
+        if base in TINY_VLM_NAMES:
+            vllm = build_tiny_vlm(base, device=device, prompt_mode=prompt_mode)
+        else:
+            vllm = build_tiny(full, device=device)
         return vllm.to(dtype) if dtype else vllm
-    family = FAMILY_OF_TINY.get(full, full)
-    path = resolve_model_path(full, path) if full not in TINY_NAMES else path
+    family = FAMILY_OF_TINY.get(base, base)
+    path = resolve_model_path(base, path) if full not in TINY_NAMES else path
     if not os.path.isdir(path):
         raise UserError(f"model folder does not exist: {path}")
     saved_name = full
@@ -89,7 +106,12 @@ def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> V
             saved_name = json.load(f)["name"]
     _check_architecture(path, family)
     cls = REAL_BACKBONES[family][0]
-    vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name)
+    if issubclass(cls, HFVLM):  # the prompt mode comes from the name asked for, not from the folder
+        saved_name = saved_name[:-len(RAW_SUFFIX)] if saved_name.endswith(RAW_SUFFIX) else saved_name
+        vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name + RAW_SUFFIX * (prompt_mode == "raw"),
+                                  prompt_mode=prompt_mode)
+    else:
+        vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name)
     vllm.source = os.path.realpath(path)
     return vllm
 

@@ -71,6 +71,11 @@ class VLLM(nn.Module):
         return self.stack.layers
 
     @property
+    def prototype_tokens(self) -> int:
+        """Length of LiveEdit's learned visual prototype on this backbone: its image-token count."""
+        return self.num_image_tokens
+
+    @property
     def num_layers(self) -> int:
         return len(self.stack.layers)
 
@@ -207,7 +212,8 @@ class VLLM(nn.Module):
     def last_hidden(self, batch: VLLMBatch) -> torch.Tensor:
         """Final hidden states [b, l, d] (after the final norm) of the whole model, layer edits active."""
         with self.hooks.running(batch, "full"):
-            hidden, _ = self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+            hidden, _ = self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids,
+                                          **batch.layer_inputs())
         return hidden
 
     def forward(self, batch: VLLMBatch) -> torch.Tensor:
@@ -218,7 +224,8 @@ class VLLM(nn.Module):
         """Output [b, l, d] of decoder layer `layer` (0-based, edits on it applied); later layers are not run."""
         with self.hooks.running(batch, "full") as run, self.hooks.capture(run, layer):
             try:
-                self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+                self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids,
+                                  **batch.layer_inputs())
             except StopForward:
                 pass
         return run.captured
@@ -231,7 +238,8 @@ class VLLM(nn.Module):
         full-vocabulary projection elsewhere.
         """
         with self.hooks.running(batch, "full"):
-            final = self.stack.run_from(hidden, batch.attention_mask, batch.position_ids, layer + 1)
+            final = self.stack.run_from(hidden, batch.attention_mask, batch.position_ids, layer + 1,
+                                        **batch.layer_inputs())
         if positions is not None:
             final = final[positions]  # [n, d]
         return self.stack.lm_head(final)
@@ -247,12 +255,13 @@ class VLLM(nn.Module):
         eos = self.tokenizer.eos_token_id
         mask, pos = batch.attention_mask, batch.position_ids
         embeds, new_ids = batch.inputs_embeds, []
+        extra = batch.layer_inputs()  # the prompt's only: new tokens are text
         done = torch.zeros(batch.size, dtype=torch.bool, device=self.device)
         with self.hooks.running(batch, "prefill") as run:
             for step in range(max_new_tokens):
                 if step:
-                    run.phase, run.step = "decode", step
-                hidden, cache = self.stack.hidden(embeds, mask, pos, cache=cache, use_cache=True)
+                    run.phase, run.step, extra = "decode", step, {}
+                hidden, cache = self.stack.hidden(embeds, mask, pos, cache=cache, use_cache=True, **extra)
                 next_ids = self.stack.lm_head(hidden[:, -1]).argmax(-1)  # [b]
                 new_ids.append(torch.where(done, torch.full_like(next_ids, eos), next_ids))
                 done |= next_ids == eos

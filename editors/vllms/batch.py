@@ -25,6 +25,9 @@ class VLLMBatch:
     labels: torch.Tensor          # [b, l] long, next-token id where label_mask, else 0
     label_mask: torch.Tensor      # [b, l] bool, positions whose prediction is a target token
     has_image: torch.Tensor       # [b] bool
+    vision_layer_inputs: torch.Tensor | None = None  # [b, l, k, d]: added to the output of decoder layers
+                                  # 0..k-1 at the image positions (Qwen3-VL's deepstack features; 0 elsewhere);
+                                  # None for every other family
 
     @property
     def size(self) -> int:
@@ -35,15 +38,28 @@ class VLLMBatch:
         return self.inputs_embeds.shape[1]
 
     def to(self, device) -> "VLLMBatch":
-        return VLLMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return VLLMBatch(**{f.name: _map(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
 
     def rows(self, start: int, end: int) -> "VLLMBatch":
         """Rows start..end-1 as a batch; trailing columns that are padding in all of them are dropped."""
         mask = self.attention_mask[start:end]  # [n, l]
         length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else self.length
-        per_position = ("inputs_embeds", "attention_mask", "position_ids", "token_ids", "labels", "label_mask")
-        return VLLMBatch(**{f.name: getattr(self, f.name)[start:end, :length] if f.name in per_position
-                            else getattr(self, f.name)[start:end] for f in fields(self)})
+        per_position = ("inputs_embeds", "attention_mask", "position_ids", "token_ids", "labels", "label_mask",
+                        "vision_layer_inputs")
+        return VLLMBatch(**{f.name: _map(getattr(self, f.name), (lambda t: t[start:end, :length]) if f.name in per_position
+                                         else (lambda t: t[start:end])) for f in fields(self)})
+
+    def layer_inputs(self) -> dict:
+        """Keyword arguments of `DecoderStack.hidden` / `run_from` for what the layers add: none for most
+        families; the per-layer image features and the image positions [b, l] bool for Qwen3-VL."""
+        if self.vision_layer_inputs is None:
+            return {}
+        return {"layer_inputs": self.vision_layer_inputs,
+                "image_mask": (self.token_ids < 0) & self.attention_mask.bool()}
+
+
+def _map(value, fn):
+    return None if value is None else fn(value)
 
 
 def with_prefix(batch: VLLMBatch, prefixes, padding_side: str = "right") -> VLLMBatch:

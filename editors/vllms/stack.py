@@ -88,9 +88,83 @@ class LlamaStack(DecoderStack):
         return self.inner.norm(hidden)
 
 
+class RotaryStack(DecoderStack):
+    """Decoders with rotary embeddings computed once in the inner model (Qwen2 / Qwen2.5-VL / Llama
+    text models of `hf_vlm.py`), 1-D positions [b, l] or multimodal ones [b, l, 3] (M-RoPE).
+
+    The batch keeps positions batch-first ([b, l, 3]: temporal, height, width) so that
+    `VLLMBatch.rows` slices them like every other per-position field; the inner model wants
+    [3, b, l]. Layers of `layer_types` "sliding_attention" get the sliding-window mask.
+    """
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False):
+        return super().hidden(inputs_embeds, attention_mask, _to_inner(position_ids), cache, use_cache)
+
+    def run_from(self, hidden, attention_mask, position_ids, start: int, layer_inputs=None,
+                 image_mask=None) -> torch.Tensor:
+        """Layers `start`..L-1 and the final norm applied to `hidden` [b, l, d] (no cache).
+
+        `layer_inputs` [b, l, k, d] / `image_mask` [b, l] (Qwen3-VL's deepstack): what the model adds
+        to the output of layers 0..k-1 at the image positions, after the layer (and its edits) ran.
+        """
+        if start > 0:
+            hidden = _add_layer_input(hidden, start - 1, layer_inputs, image_mask)
+        positions = _to_inner(position_ids)  # [b, l] or [3, b, l]
+        text_positions = positions if positions.ndim == 2 else None
+        masks = {"full_attention": create_causal_mask(config=self.config, inputs_embeds=hidden,
+                                                      attention_mask=attention_mask, cache=None,
+                                                      position_ids=text_positions)}
+        layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * len(self.layers)
+        if "sliding_attention" in layer_types:
+            from transformers.masking_utils import create_sliding_window_causal_mask
+
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                position_ids=text_positions)
+        rotary = self.inner.rotary_emb(hidden, positions)
+        for i in range(start, len(self.layers)):
+            out = self.layers[i](hidden, attention_mask=masks[layer_types[i]], position_embeddings=rotary,
+                                 position_ids=text_positions, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = _add_layer_input(hidden, i, layer_inputs, image_mask)
+        return self.inner.norm(hidden)
+
+
+class DeepstackStack(RotaryStack):
+    """Qwen3-VL: M-RoPE, plus image features of the vision tower's middle layers added to the output
+    of the first k decoder layers at the image positions (the model's own forward does it here)."""
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False, layer_inputs=None,
+               image_mask=None):
+        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=_to_inner(position_ids), use_cache=use_cache)
+        if cache is not None:
+            kwargs["cache"] = cache
+        if layer_inputs is not None:  # [b, l, k, d] -> k tensors [n_image_positions, d], as the model takes them
+            kwargs.update(visual_pos_masks=image_mask,
+                          deepstack_visual_embeds=[layer_inputs[:, :, i][image_mask] for i in range(layer_inputs.shape[2])])
+        out = self.inner(**kwargs)
+        return out.last_hidden_state, out.cache
+
+
+def _add_layer_input(hidden, layer: int, layer_inputs, image_mask):
+    """hidden [b, l, d] plus layer_inputs[:, :, layer] at the image positions (unchanged past the k-th layer)."""
+    if layer_inputs is None or layer >= layer_inputs.shape[2]:
+        return hidden
+    hidden = hidden.clone()
+    hidden[image_mask] = hidden[image_mask] + layer_inputs[:, :, layer][image_mask]  # [n, d], the model's op
+    return hidden
+
+
+def _to_inner(position_ids: torch.Tensor) -> torch.Tensor:
+    """Batch positions -> the inner model's: [b, l] unchanged, [b, l, 3] -> [3, b, l]."""
+    return position_ids.permute(2, 0, 1) if position_ids.ndim == 3 else position_ids
+
+
 def stack_for(inner: nn.Module, lm_head: nn.Module) -> DecoderStack:
     """Pick the stack class from the inner model's config (`opt` or `llama`)."""
-    families = {"opt": OPTStack, "llama": LlamaStack}
+    families = {"opt": OPTStack, "llama": LlamaStack, "qwen2_5_vl_text": RotaryStack, "qwen2": RotaryStack,
+                "qwen3_vl_text": DeepstackStack}
     model_type = inner.config.model_type
     if model_type not in families:
         raise ValueError(f"unsupported language model type {model_type!r}; supported: {sorted(families)}")
