@@ -26,6 +26,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.devices import parse_device_map
 from utils.distributed import process_group_active
 from utils.errors import UserError
 
@@ -95,6 +96,14 @@ def timeout_seconds(flag_value: float | None) -> float:
 def _is_cuda(device: str) -> bool:
     name = str(device).strip().lower()
     return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+def check_device_map(device_map: str | None) -> None:
+    """`--device_map` spreads ONE process's backbone over its GPUs; torchrun gives each rank one GPU, so the two
+    do not combine (a UserError before any process group is joined)."""
+    if launched_world_size() > 1 and parse_device_map(device_map) is not None:
+        raise UserError(f"--device_map {device_map} cannot be combined with torchrun (each rank uses one GPU, "
+                        f"cuda:LOCAL_RANK): run one process with --device_map, or torchrun without it")
 
 
 def setup(device: str, timeout_s: float | None = None) -> tuple[Group, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils.devices import DTYPE_CHOICES
+from utils.devices import DEVICE_MAP_HELP, DTYPE_CHOICES, parse_device_map
 from utils.errors import UserError
 from utils.io import check_seed, none_or_value
 from utils.names import safe_name_part
@@ -33,6 +33,9 @@ class EvalConfig:
     eval_name_postfix: str = flag("-enp", "--eval_name_postfix", default="",
                                   help="appended to the result folder name as -<postfix>")
     device: str = flag("-dvc", "--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    device_map: str = flag("--device_map", default="none",
+                           help="one backbone over several devices of this process: " + DEVICE_MAP_HELP +
+                                "; LiveEdit's modules sit where the edited layer runs (default: %(default)s)")
     dtype: str = flag("--dtype", default="auto", choices=DTYPE_CHOICES,
                       help="backbone weights' dtype, read directly in it: auto = bfloat16 on a CUDA GPU that "
                            "supports it, else float32 (default: %(default)s)")
@@ -105,6 +108,7 @@ class EvalConfig:
             raise UserError(f"lifelong_sample_n must be at least 1, got {self.lifelong_sample_n}")
         if self.dtype not in DTYPE_CHOICES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        parse_device_map(self.device_map)  # none, auto or a readable JSON map naming devices that exist
         check_seed(self.seed, "--seed")
         if self.eval_name_postfix:
             safe_name_part(self.eval_name_postfix, "-enp/--eval_name_postfix")

@@ -74,6 +74,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome | None:
 
     Under torchrun the chunks are shared out over the ranks (runs/eval_shards.py): rank 0 returns
     the outcome, the other ranks None."""
+    distributed.check_device_map(cfg.device_map)
     group, device = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         return _run_evaluation(cfg, group, device)
@@ -86,7 +87,8 @@ def _run_evaluation(cfg: EvalConfig, group: distributed.Group, device: str) -> E
     pinned = check_checkpoint(cfg)
     data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
     seed_everything(cfg.seed)
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype,
+                     device_map=cfg.device_map)
     check_lengths(vllm, records)
     set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = load_editor(cfg.editor_name, vllm, cfg.config_path, pinned)

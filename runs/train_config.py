@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils.devices import DTYPE_CHOICES
+from utils.devices import DEVICE_MAP_HELP, DTYPE_CHOICES, parse_device_map
 from utils.errors import UserError
 from utils.io import check_seed, none_or_value
 from utils.names import safe_name_part
@@ -40,6 +40,9 @@ class TrainRunConfig:
         "-edvc", "--extra_devices", default=None, group=WHERE, nargs="+",
         help="accepted for compatibility with the paper's commands and ignored: no second model copy is "
              "needed, features are computed once per sample on the main device")
+    device_map: str = flag("--device_map", default="none", group=WHERE,
+                           help="one backbone over several devices of this process: " + DEVICE_MAP_HELP +
+                                "; LiveEdit's modules sit where the edited layer runs (default: %(default)s)")
     dtype: str = flag("--dtype", default="auto", group=WHERE, choices=DTYPE_CHOICES,
                       help="backbone weights' dtype, read directly in it: auto = bfloat16 on a CUDA GPU that "
                            "supports it, else float32 (default: %(default)s)")
@@ -106,6 +109,7 @@ class TrainRunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        parse_device_map(self.device_map)  # none, auto or a readable JSON map naming devices that exist
         if self.seed is not None:
             check_seed(self.seed, "-rs/--random_seed")
         if self.name_prefix:

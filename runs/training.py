@@ -733,6 +733,7 @@ def run_training(cfg: TrainRunConfig, echo: Callable[[str], None] | None = print
     """
     cls = _check_names(cfg)
     _check_sharding(cls, cfg, distributed.launched_world_size())  # before waiting for the other ranks
+    distributed.check_device_map(cfg.device_map)
     group, device = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         return _run_training(cfg, echo if group.is_main else None, group, device)
@@ -767,7 +768,8 @@ def _run_training(cfg: TrainRunConfig, echo, group: distributed.Group, device: s
     if resume is not None:
         for note in _check_resume_fits(cfg, resume, len(records), fingerprint):
             say(note)
-    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype)
+    vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype,
+                     device_map=cfg.device_map)
     check_lengths(vllm, records)
     seed_everything(seed)
     set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)

@@ -1,6 +1,9 @@
 """Device and dtype names from the command line, checked before any model is loaded."""
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from utils.errors import UserError
@@ -85,3 +88,69 @@ def tune_cpu_threads(model_name: str, device: torch.device) -> None:
     """
     if device.type == "cpu" and model_name.startswith("tiny-"):
         torch.set_num_threads(1)
+
+
+# ---- device maps: one backbone over several devices of one process ------------------------------
+
+DEVICE_MAP_HELP = ("none (everything on -dvc), auto (spread the backbone over the visible GPUs; on a machine "
+                   "without CUDA it falls back to -dvc) or a JSON file {module name: device}")
+NOT_RUNNABLE = ("disk", "meta")  # accelerate's offload targets: this project runs every module where it sits
+
+
+def parse_device_map(value: str | dict | None, flag: str = "--device_map") -> str | dict[str, str] | None:
+    """`--device_map` -> None (no map), "auto", or {module name: device name} read from a JSON file.
+
+    Every device the file names must exist on this machine (`resolve_device`'s checks); accelerate's
+    integer shorthand `0` means `cuda:0`. Each problem is one UserError naming `flag`, the file, the
+    module and the device.
+    """
+    if value is None or isinstance(value, dict):
+        return None if value is None else _checked_map(value, flag, "the device map")
+    key = str(value).strip()
+    if key.lower() in ("", "none"):
+        return None
+    if key.lower() == "auto":
+        return "auto"
+    from utils.io import read_json
+
+    if not os.path.isfile(key):
+        raise UserError(f"{flag} {key}: no such file; give none, auto or a JSON file {{module name: device}}")
+    return _checked_map(read_json(key, hint=f"{flag} needs a JSON object {{module name: device}}", kind=dict),
+                        flag, key)
+
+
+def _checked_map(raw: dict, flag: str, source: str) -> dict[str, str]:
+    if not raw:
+        raise UserError(f"{flag} {source}: the map is empty; name at least one module (\"\" = the whole model)")
+    out = {}
+    for module, device in raw.items():
+        if isinstance(device, bool) or not isinstance(device, (str, int)):
+            raise UserError(f"{flag} {source}: module {module!r} has device {device!r}; use a name such as "
+                            f"\"cuda:0\" or \"cpu\"")
+        name = f"cuda:{device}" if isinstance(device, int) else device.strip().lower()
+        if name in NOT_RUNNABLE:
+            raise UserError(f"{flag} {source}: module {module!r} is placed on {name!r}; offloading is not "
+                            f"supported, place every module on cpu or a GPU")
+        try:
+            resolved = resolve_device(name)
+        except UserError as exc:
+            raise UserError(f"{flag} {source}: module {module!r} is placed on {name}: {exc}") from None
+        if resolved.type == "cuda" and resolved.index is None:
+            resolved = torch.device("cuda", 0)
+        out[str(module)] = str(resolved)
+    return out
+
+
+def resolve_device_map(value: str | dict | None, device: torch.device, flag: str = "--device_map",
+                       say=None) -> str | dict[str, str] | None:
+    """The map a backbone is loaded with: `parse_device_map`, except that `auto` on a machine without a
+    CUDA GPU gives None (everything on `device`) and says so through `say` (default: a note on stderr)."""
+    parsed = parse_device_map(value, flag)
+    if parsed == "auto" and not torch.cuda.is_available():
+        (say or _note)(f"note: {flag} auto: this machine has no CUDA GPU, the whole backbone runs on {device}")
+        return None
+    return parsed
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

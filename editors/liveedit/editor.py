@@ -50,12 +50,13 @@ class LiveEdit(TrainableEditor):
         self.moegen_c = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # U
         self.moegen_r = ExpertGenerator(d, rc.lora_rank, rc.lora_scale, rc.module_dim, rc.cross_att_head_n)  # V
         self.instant_reps_norm = nn.LayerNorm(d)
+        home = vllm.device_of_layer(config.edit_layer_i)  # where layer l_e runs (vllm.device without a device map)
         for module in self.trainable_modules().values():
-            module.to(vllm.device)
+            module.to(home)
         self.sim_scale = config.sim_scale if config.sim_scale is not None else 1.0 / math.sqrt(rc.module_dim)
         repository_dtype = vllm.dtype if config.repository_dtype == "auto" else resolve_dtype(config.repository_dtype)
         self.repository = ExpertRepository(rc.eqe_n, rc.module_dim, rc.lora_rank, d,
-                                           dtype=repository_dtype, device=vllm.device)
+                                           dtype=repository_dtype, device=home)
         self.set_train(False)
         self.hook_layer(config.edit_layer_i, self._edit_hidden)
 
@@ -102,7 +103,7 @@ class LiveEdit(TrainableEditor):
 
     def make_edit_keys(self, hidden: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         """Routing keys and expert factors of each row: hidden [b, l, D] -> fields of the repository."""
-        hidden = hidden.to(self.instant_reps_norm.weight.dtype)
+        hidden, batch = hidden.to(self.instant_reps_norm.weight.dtype), batch.to(hidden.device)
         vision, vision_mask = gather_spans(hidden, batch.vision_spans)  # [b, n_img, D]
         query, query_mask = gather_spans(hidden, batch.query_spans)  # [b, lq, D]
         edit_span = torch.stack([batch.vision_spans[:, 0], batch.target_spans[:, 1]], dim=1)  # [v0, t1)
@@ -119,7 +120,7 @@ class LiveEdit(TrainableEditor):
         Returns (rows [k], experts [s], weights [k, s]): rows that select at least one expert, the
         union of their selected experts, and each row's soft weight of each (0 if not selected).
         """
-        empty = hidden.new_zeros(0, dtype=torch.long)
+        empty, batch = hidden.new_zeros(0, dtype=torch.long), batch.to(hidden.device)
         rows = batch.has_image.nonzero().flatten()  # [k]
         if len(rows) == 0 or len(self.repository) == 0:
             return empty, empty, hidden.new_zeros(0, 0)

@@ -79,6 +79,7 @@ def _groups(editor, samples: dict[tuple[str, str], list[Sample]]):
     vllm, flat = editor.vllm, [s for group in samples.values() for s in group]
     batch = vllm.prepare([s.prompt for s in flat], [s.image for s in flat], [s.target for s in flat])
     hidden = editor.edit_layer_output(batch)  # [N, l, D], N = all samples of the step
+    batch = batch.to(hidden.device)  # a backbone over several devices: the step works where layer l_e runs
     groups, start = {}, 0
     for key, group in samples.items():
         sub = batch.rows(start, start + len(group))
@@ -87,7 +88,7 @@ def _groups(editor, samples: dict[tuple[str, str], list[Sample]]):
         pre = None
         if key[0] == LOC:
             pre = vllm.logits_from_layer(sub, sub_hidden, editor.config.edit_layer_i,
-                                         positions=sub.label_mask).float().log_softmax(-1)  # [n, V]
+                                         positions=sub.label_mask).float().to(hidden.device).log_softmax(-1)  # [n, V]
         groups[key] = SampleGroup(sub, sub_hidden, pre)
     return groups, SampleGroup(batch, hidden)
 
@@ -154,7 +155,7 @@ def prepare_training_batch(editor, records: list[EditRecord], rng: np.random.Gen
         rows = shard.rows()
         rel_mask, gen_mask, loc_mask = rel_mask[rows], gen_mask[rows], loc_mask[rows]  # [width, C]
         neighbour, prototype = [neighbour[i] for i in rows], [prototype[i] for i in rows]
-    device = editor.vllm.device
+    device = editor.vllm.device_of_layer(editor.config.edit_layer_i)  # where the modules and features are
     return LiveEditTrainBatch(rel, gen, loc, rel_mask.to(device), gen_mask.to(device), loc_mask.to(device),
                               neighbour, prototype, everything, shard)
 
@@ -182,7 +183,7 @@ def _edited_logits(editor, group: SampleGroup, query_keys, up, down, mask) -> to
     residual = expert_residual(editor.instant_reps_norm, hidden, up, down, weights, dtype)  # [B, l, D]
     edited = (hidden + residual).to(group.hidden.dtype)
     return editor.vllm.logits_from_layer(group.batch, edited, editor.config.edit_layer_i,
-                                         positions=group.batch.label_mask).float()  # [n, V]
+                                         positions=group.batch.label_mask).float().to(hidden.device)  # [n, V]
 
 
 def _per_sample_mean(values: torch.Tensor, label_mask: torch.Tensor, shard: Shard) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Backbones: `load_vllm(name, path=None, device="cpu", dtype=None)`.
+"""Backbones: `load_vllm(name, path=None, device="cpu", dtype=None, device_map=None)`.
 
 Real backbones load from a local folder (flag > env var > YAML of paths, see `paths.py`); tiny
 ones are built from configs, or loaded from a folder written by `save_vllm`.
@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import os
 
-from utils.devices import resolve_device, resolve_dtype, tune_cpu_threads
+import torch
+
+from utils.devices import resolve_device, resolve_device_map, resolve_dtype, tune_cpu_threads
 from utils.errors import UserError
 from utils.io import read_json
 from .base import VLLM
 from .batch import VLLMBatch
 from .blip2 import BLIP2
+from .hf_folder import HFFolderVLLM
 from .llava import LLaVA
 from .minigpt4 import MiniGPT4
 from .paths import resolve_model_path
 from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
+from .placement import check_module_names, dispatch
 from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
 from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
 
@@ -77,25 +81,33 @@ def _check_architecture(path: str, full: str) -> None:
         raise UserError(f"{path} holds a {found!r} model, but {full} needs model_type {expected!r}")
 
 
-def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> VLLM:
+def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None, device_map=None, say=None) -> VLLM:
     """Load backbone `name` on `device`; tiny names without a path are built from configs.
 
     `dtype`: "auto" (bfloat16 on a CUDA device that supports it, else float32), "float32",
     "bfloat16", "float16", a torch dtype, or None (float32). Real weights are read in it directly.
 
+    `device_map` spreads the backbone over several devices of this process: None / "none" (all on
+    `device`), "auto" (over the visible GPUs; without CUDA a note through `say` and all on `device`),
+    a path to a JSON file or a dict {module name in `vllm.model`: device}. Then `vllm.device` is where
+    inputs go (the input embeddings' device) and `vllm.device_of_layer(i)` where decoder layer i runs.
+
     Tiny backbones on CPU switch torch to one thread (see `utils.devices.tune_cpu_threads`).
     """
     full = canonical_name(name)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    device_map = resolve_device_map(device_map, device, say=say)
+    dtype = resolve_dtype(dtype, _dtype_device(device, device_map))
     tune_cpu_threads(full, device)
     base, prompt_mode = (full[:-len(RAW_SUFFIX)], "raw") if full.endswith(RAW_SUFFIX) else (full, "chat")
     if full in TINY_NAMES and not path:
         if base in TINY_VLM_NAMES:
+            _refuse_device_map(full, device_map)
             vllm = build_tiny_vlm(base, device=device, prompt_mode=prompt_mode)
         else:
-            vllm = build_tiny(full, device=device)
-        return vllm.to(dtype) if dtype else vllm
+            vllm = build_tiny(full, device=device if device_map is None else "cpu")
+        vllm = vllm.to(dtype) if dtype else vllm
+        return _placed(vllm, device_map, dtype)
     family = FAMILY_OF_TINY.get(base, base)
     path = resolve_model_path(base, path) if full not in TINY_NAMES else path
     if not os.path.isdir(path):
@@ -107,12 +119,43 @@ def load_vllm(name: str, path: str | None = None, device="cpu", dtype=None) -> V
     _check_architecture(path, family)
     cls = REAL_BACKBONES[family][0]
     if issubclass(cls, HFVLM):  # the prompt mode comes from the name asked for, not from the folder
+        _refuse_device_map(full, device_map)
         saved_name = saved_name[:-len(RAW_SUFFIX)] if saved_name.endswith(RAW_SUFFIX) else saved_name
         vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name + RAW_SUFFIX * (prompt_mode == "raw"),
                                   prompt_mode=prompt_mode)
-    else:
-        vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name)
+    elif issubclass(cls, HFFolderVLLM):  # transformers reads each weight onto its device
+        vllm = cls.from_directory(path, device=device, dtype=dtype, name=saved_name, device_map=device_map)
+    else:  # assembled in CPU memory, then placed
+        vllm = cls.from_directory(path, device=device if device_map is None else "cpu", dtype=dtype, name=saved_name)
+        vllm = _placed(vllm, device_map, dtype)
     vllm.source = os.path.realpath(path)
+    return vllm
+
+
+def _dtype_device(device, device_map) -> torch.device:
+    """The device `--dtype auto` asks about: `device`, or the first GPU of the map."""
+    if device_map is None:
+        return device
+    if device_map == "auto":
+        return torch.device("cuda:0")
+    gpus = [d for d in device_map.values() if d.startswith("cuda")]
+    return torch.device(gpus[0] if gpus else "cpu")
+
+
+def _refuse_device_map(name: str, device_map) -> None:
+    """Processor-driven backbones (Qwen2.5-VL, Qwen3-VL) run on one device for now."""
+    if device_map is not None:
+        raise UserError(f"--device_map is not supported yet for {name} (a processor-driven backbone); "
+                        f"drop --device_map and pick one device with -dvc")
+
+
+def _placed(vllm: VLLM, device_map, dtype) -> VLLM:
+    """`vllm` with its modules placed by `device_map` (None: unchanged)."""
+    if device_map is None:
+        return vllm
+    if isinstance(device_map, dict):
+        check_module_names(vllm.model, device_map, "--device_map")
+    dispatch(vllm.model, device_map, dtype)
     return vllm
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from utils.errors import UserError
 from .batch import VLLMBatch, position_ids_from_mask, with_prefix
 from .hooks import EditFn, LayerEdit, LayerHooks, StopForward  # noqa: F401  (StopForward: re-exported)
+from .placement import execution_device
 from .stack import DecoderStack
 
 
@@ -85,7 +86,18 @@ class VLLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.stack.lm_head.weight.device
+        """Where inputs go: the device of the input embeddings (the one device without a device map);
+        logits and final hidden states come back here too."""
+        return execution_device(self.stack.inner.get_input_embeddings())
+
+    def device_of_layer(self, layer: int) -> torch.device:
+        """Where decoder layer `layer` runs (its output, and an edit of it, live there)."""
+        return execution_device(self.layers[layer])
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """{module name in `model`: device} when the backbone is spread over devices (`--device_map`), else None."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,7 +161,7 @@ class VLLM(nn.Module):
             token_ids, vision = ids_t, (0, 0)
             if has_img:
                 at = 1 if (self.image_after_bos and ids and ids[0] == bos) else 0
-                feat = features[image_i].to(embeds.dtype)  # [n_img, d]
+                feat = features[image_i].to(embeds.device, embeds.dtype)  # [n_img, d]
                 image_i += 1
                 embeds = torch.cat([embeds[:at], feat, embeds[at:]])
                 token_ids = torch.cat([ids_t[:at], ids_t.new_full((len(feat),), -1), ids_t[at:]])
@@ -210,18 +222,23 @@ class VLLM(nn.Module):
 
     # ---- running the LM -----------------------------------------------------------------------
     def last_hidden(self, batch: VLLMBatch) -> torch.Tensor:
-        """Final hidden states [b, l, d] (after the final norm) of the whole model, layer edits active."""
+        """Final hidden states [b, l, d] (after the final norm) of the whole model, layer edits active,
+        on `self.device`."""
+        return self._final_hidden(batch).to(self.device)
+
+    def _final_hidden(self, batch: VLLMBatch) -> torch.Tensor:
         with self.hooks.running(batch, "full"):
             hidden, _ = self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids,
                                           **batch.layer_inputs())
-        return hidden
+        return hidden  # [b, l, d] on the final norm's device
 
     def forward(self, batch: VLLMBatch) -> torch.Tensor:
-        """Logits [b, l, V] of the whole model (layer edits active)."""
-        return self.stack.lm_head(self.last_hidden(batch))
+        """Logits [b, l, V] of the whole model (layer edits active), on `self.device`."""
+        return self.stack.lm_head(self._final_hidden(batch)).to(self.device)
 
     def hidden_at_layer(self, batch: VLLMBatch, layer: int) -> torch.Tensor:
-        """Output [b, l, d] of decoder layer `layer` (0-based, edits on it applied); later layers are not run."""
+        """Output [b, l, d] of decoder layer `layer` (0-based, edits on it applied) on `device_of_layer(layer)`;
+        later layers are not run."""
         with self.hooks.running(batch, "full") as run, self.hooks.capture(run, layer):
             try:
                 self.stack.hidden(batch.inputs_embeds, batch.attention_mask, batch.position_ids,
@@ -235,14 +252,14 @@ class VLLM(nn.Module):
         """Logits from running layers layer+1..L-1 on `hidden` [b, l, d] (the output of `layer`).
 
         `positions` ([b, l] bool) keeps only those positions' logits ([n, V]) to save the
-        full-vocabulary projection elsewhere.
+        full-vocabulary projection elsewhere. The logits come back on `self.device`.
         """
         with self.hooks.running(batch, "full"):
             final = self.stack.run_from(hidden, batch.attention_mask, batch.position_ids, layer + 1,
                                         **batch.layer_inputs())
         if positions is not None:
-            final = final[positions]  # [n, d]
-        return self.stack.lm_head(final)
+            final = final[positions.to(final.device)]  # [n, d]
+        return self.stack.lm_head(final).to(self.device)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence | None = None,
@@ -262,7 +279,7 @@ class VLLM(nn.Module):
                 if step:
                     run.phase, run.step, extra = "decode", step, {}
                 hidden, cache = self.stack.hidden(embeds, mask, pos, cache=cache, use_cache=True, **extra)
-                next_ids = self.stack.lm_head(hidden[:, -1]).argmax(-1)  # [b]
+                next_ids = self.stack.lm_head(hidden[:, -1]).argmax(-1).to(self.device)  # [b]
                 new_ids.append(torch.where(done, torch.full_like(next_ids, eos), next_ids))
                 done |= next_ids == eos
                 if bool(done.all()):

@@ -37,7 +37,8 @@ class StopForward(Exception):
 class LayerCall:
     """What the backbone is running when an edited layer fires (an edit function's second argument)."""
 
-    batch: VLLMBatch  # the running batch; at "decode" the prompt batch of the same `generate` call
+    batch: VLLMBatch  # the running batch, on the layer's device; at "decode" the prompt batch of the same
+                      # `generate` call
     phase: str        # "full" | "prefill" | "decode"
     step: int         # 0 for "full" and "prefill"; n at the n-th "decode" step
     layer: int        # index of the edited layer
@@ -58,6 +59,15 @@ class _Run:
     stop_at: int | None = None       # layer whose output `hidden_at_layer` captures, then stops
     captured: torch.Tensor | None = None
     memos: dict = field(default_factory=dict)  # id(LayerEdit) -> its memo
+    placed: dict = field(default_factory=dict)  # device -> `batch` on it (backbones over several devices)
+
+    def batch_on(self, device: torch.device) -> VLLMBatch:
+        """`batch` on `device` (itself when it is there already): an edited layer's device."""
+        if device == self.batch.inputs_embeds.device:
+            return self.batch
+        if device not in self.placed:
+            self.placed[device] = self.batch.to(device)
+        return self.placed[device]
 
 
 class LayerEdit:
@@ -182,7 +192,8 @@ class LayerHooks:
         changed = False
         if not getattr(self._local, "off", 0):
             for handle in self._edits.get(layer, ()):
-                call = LayerCall(run.batch, run.phase, run.step, layer, run.memos.setdefault(id(handle), {}))
+                call = LayerCall(run.batch_on(hidden.device), run.phase, run.step, layer,
+                                 run.memos.setdefault(id(handle), {}))
                 new = handle.fn(hidden, call)
                 if new is not None:
                     hidden, changed = new, True
