@@ -146,7 +146,7 @@ def train_retriever(records: Sequence[EditRecord], cfg: RetrieverPretrainConfig,
             q = embed(aux, [p.query for p in chosen], cfg.pooling)  # [b, w]
             k = embed(aux, list(keys), cfg.pooling)                 # [n_keys, w]
             labels = torch.tensor([keys[p.key] for p in chosen])    # [b]
-            loss = F.cross_entropy(q @ k.T / cfg.temperature, labels)
+            loss = F.cross_entropy(q @ k.T / cfg.temperature, labels)  # logits [b, n_keys]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
