@@ -271,6 +271,9 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
                 "data_sample_n": cfg.data_sample_n, "editor_checkpoint": checkpoint,
                 "editor_config": editor_config, "n_records": len(records),
                 "data_fingerprint": data_fingerprint(records)}
+    # auxiliary models (a retriever, a scope classifier) change the numbers as weights do
+    identity["aux_model_paths"] = [f"{name}={os.path.realpath(folder)}"
+                                   for name, folder in (p.split("=", 1) for p in cfg.aux_model_paths)]
     identity["protocol"] = {"keep_partial_chunk": cfg.keep_partial_chunk,
                             "portability_second_edit": cfg.portability_second_edit}
     if cfg.lifelong:

@@ -438,3 +438,12 @@ def test_cli_end_to_end_on_toy_with_ft_l(tmp_path, monkeypatch, capsys):
     means = read(folder, "mean_results.json")
     assert [s["sequential_edit_n"] for s in means["split_mean"]] == [3, 2]
     assert "Rel" in out and f"results: {folder}" in out
+
+
+def test_results_made_with_other_auxiliary_models_are_not_reused(llava, records, tmp_path):
+    """A retriever trained or random (`--aux_model_path`) gives other numbers: a rerun must not reuse them."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    evaluate(CountingEditor(llava), records[:2], config(tmp_path, 1, aux_model_paths=[f"tiny-mpnet={tmp_path / 'a'}"]))
+    with pytest.raises(UserError, match="aux_model_paths"):
+        evaluate(CountingEditor(llava), records[:2], config(tmp_path, 1, aux_model_paths=[f"tiny-mpnet={tmp_path / 'b'}"]))
