@@ -17,9 +17,7 @@ that locality is measured against. It does not bring back the original backbone'
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,12 +26,11 @@ from torch import nn
 
 from editors.auxiliary import REAL_AUX, TINY_AUX, encode_texts, load_aux, masked_pool
 from editors.base import TrainableEditor
+from editors.baselines.saved import load_state, request_entries, requests_from, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .trained_common import real_rows
 
-MEMORY_FILE = "lte_memory.safetensors"
-MANIFEST_FILE = "lte_edits.json"
 
 
 @dataclass
@@ -132,32 +129,18 @@ class LTE(TrainableEditor):
         self.requests.extend(requests)
 
     def save_edits(self, directory: str) -> None:
-        from safetensors.torch import save_file
+        tensors = {"keys": self.keys} | {f"prefix.{i}": e for i, e in enumerate(self.prefix_embeds)}
+        save_state(directory, tensors, self._identity() | {"num_edits": self.num_edits,
+                                                            "requests": request_entries(self.requests)})
 
-        os.makedirs(directory, exist_ok=True)
-        tensors = {"keys": self.keys.cpu().contiguous()}
-        tensors.update({f"prefix.{i}": e.cpu().contiguous() for i, e in enumerate(self.prefix_embeds)})
-        save_file(tensors, os.path.join(directory, MEMORY_FILE))
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump({"editor": self.name, "backbone": self.vllm.name, "num_edits": self.num_edits,
-                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
-                                    for r in self.requests]}, f, indent=1)
+    def _identity(self) -> dict:
+        return {"editor": self.name, "backbone": self.vllm.name}
 
     def load_edits(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        if (manifest.get("editor"), manifest.get("backbone")) != (self.name, self.vllm.name):
-            raise UserError(f"{directory} holds edits of {manifest.get('editor')} on {manifest.get('backbone')}, "
-                            f"not of {self.name} on {self.vllm.name}")
-        tensors = load_file(os.path.join(directory, MEMORY_FILE), device=str(self.vllm.device))
+        tensors, manifest = load_state(directory, self._identity(), self.vllm.device)
         self.keys = tensors["keys"]
         self.prefix_embeds = [tensors[f"prefix.{i}"] for i in range(int(manifest["num_edits"]))]
-        self.requests = [Sample(p, t, im) for p, t, im in manifest["requests"]]
+        self.requests = requests_from(manifest["requests"])
 
     # ---- retrieval -----------------------------------------------------------------------------------
     @torch.no_grad()

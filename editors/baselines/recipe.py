@@ -17,9 +17,7 @@ and labels move with it, so scoring reads the right positions.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +26,10 @@ from torch import nn
 
 from editors.auxiliary import REAL_AUX, TINY_AUX, encode_texts, load_aux, masked_pool
 from editors.base import TrainableEditor
+from editors.baselines.saved import load_state, request_entries, requests_from, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 
-MEMORY_FILE = "recipe_memory.safetensors"
-MANIFEST_FILE = "recipe_edits.json"
 
 
 def knowledge_text(prompt: str, target: str) -> str:
@@ -189,33 +186,19 @@ class RECIPE(TrainableEditor):
         self.requests.extend(requests)
 
     def save_edits(self, directory: str) -> None:
-        from safetensors.torch import save_file
+        save_state(directory, {"keys": self.keys, "prompts": self.prompts},
+                   self._identity() | {"requests": request_entries(self.requests)})
 
-        os.makedirs(directory, exist_ok=True)
-        save_file({"keys": self.keys.cpu().contiguous(), "prompts": self.prompts.cpu().contiguous()},
-                  os.path.join(directory, MEMORY_FILE))
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump({"editor": self.name, "backbone": self.vllm.name,
-                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
-                                    for r in self.requests]}, f, indent=1)
+    def _identity(self) -> dict:
+        return {"editor": self.name, "backbone": self.vllm.name}
 
     def load_edits(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        if (manifest.get("editor"), manifest.get("backbone")) != (self.name, self.vllm.name):
-            raise UserError(f"{directory} holds edits of {manifest.get('editor')} on {manifest.get('backbone')}, "
-                            f"not of {self.name} on {self.vllm.name}")
-        tensors = load_file(os.path.join(directory, MEMORY_FILE), device=str(self.vllm.device))
+        tensors, manifest = load_state(directory, self._identity(), self.vllm.device)
         if tuple(tensors["prompts"].shape[1:]) != tuple(self.prompts.shape[1:]):
             raise UserError(f"saved prompts in {directory} have shape {tuple(tensors['prompts'].shape[1:])}, "
                             f"this RECIPE config gives {tuple(self.prompts.shape[1:])}")
         self.keys, self.prompts = tensors["keys"], tensors["prompts"]
-        self.requests = [Sample(p, t, im) for p, t, im in manifest["requests"]]
+        self.requests = requests_from(manifest["requests"])
 
     # ---- retrieval -----------------------------------------------------------------------------------
     def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

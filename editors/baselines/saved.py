@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
 from utils.io import read_json, write_atomic, write_json_atomic
+from utils.records import Sample
 
 TENSORS_FILE = "edits.safetensors"
 MANIFEST_FILE = "edits.json"
@@ -25,8 +26,9 @@ def save_state(directory: str, tensors: dict[str, torch.Tensor], manifest: dict)
     write_json_atomic(os.path.join(directory, MANIFEST_FILE), manifest, indent=2)
 
 
-def load_state(directory: str, expect: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, manifest) saved in `directory`; every key of `expect` must match the manifest."""
+def load_state(directory: str, expect: dict, device: str | torch.device = "cpu"
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors on `device`, manifest) saved in `directory`; every key of `expect` must match the manifest."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{directory} holds no saved {expect.get('editor')} edits ({MANIFEST_FILE} is missing)")
@@ -35,4 +37,13 @@ def load_state(directory: str, expect: dict) -> tuple[dict[str, torch.Tensor], d
     if wrong:
         raise UserError(f"{directory} holds other edits: {wrong}, expected "
                         f"{ {k: expect[k] for k in wrong} }")
-    return load_file(os.path.join(directory, TENSORS_FILE)), manifest
+    return load_file(os.path.join(directory, TENSORS_FILE), device=str(device)), manifest
+
+
+def request_entries(requests: list[Sample]) -> list[list]:
+    """Requests for a manifest: [prompt, target, image path] (an in-memory image is recorded as null)."""
+    return [[r.prompt, r.target, r.image if isinstance(r.image, str) else None] for r in requests]
+
+
+def requests_from(entries: list[list]) -> list[Sample]:
+    return [Sample(prompt, target, image) for prompt, target, image in entries]

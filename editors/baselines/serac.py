@@ -21,9 +21,7 @@ Not batched (as the authors): `edit` takes one request at a time, in order.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +30,11 @@ from torch import nn
 
 from editors.auxiliary import REAL_AUX, TINY_AUX, ResBlock, load_aux, masked_pool
 from editors.base import TrainableEditor
+from editors.baselines.saved import load_state, request_entries, requests_from, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .trained_common import pack, real_rows
 
-MEMORY_FILE = "serac_memory.safetensors"
-MANIFEST_FILE = "serac_edits.json"
 
 
 @dataclass
@@ -139,36 +136,22 @@ class SERAC(TrainableEditor):
             self.requests.append(r)
 
     def save_edits(self, directory: str) -> None:
-        from safetensors.torch import save_file
+        tensors = {"keys": self.keys} | {f"embeds.{i}": e for i, e in enumerate(self.edit_embeds)}
+        save_state(directory, tensors, self._identity() | {"num_edits": self.num_edits,
+                                                            "requests": request_entries(self.requests)})
 
-        os.makedirs(directory, exist_ok=True)
-        tensors = {"keys": self.keys.cpu().contiguous()}
-        tensors.update({f"embeds.{i}": e.cpu().contiguous() for i, e in enumerate(self.edit_embeds)})
-        save_file(tensors, os.path.join(directory, MEMORY_FILE))
-        with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-            json.dump({"editor": self.name, "backbone": self.vllm.name, "num_edits": self.num_edits,
-                       "requests": [[r.prompt, r.target, r.image if isinstance(r.image, str) else None]
-                                    for r in self.requests]}, f, indent=1)
+    def _identity(self) -> dict:
+        return {"editor": self.name, "backbone": self.vllm.name}
 
     def load_edits(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
-        path = os.path.join(directory, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{directory} holds no saved {self.name} edits ({MANIFEST_FILE} is missing)")
-        with open(path) as f:
-            manifest = json.load(f)
-        if (manifest.get("editor"), manifest.get("backbone")) != (self.name, self.vllm.name):
-            raise UserError(f"{directory} holds edits of {manifest.get('editor')} on {manifest.get('backbone')}, "
-                            f"not of {self.name} on {self.vllm.name}")
-        tensors = load_file(os.path.join(directory, MEMORY_FILE), device=str(self.vllm.device))
+        tensors, manifest = load_state(directory, self._identity(), self.vllm.device)
         if tensors["keys"].shape[-1] != self.key_dim:
             raise UserError(f"saved scope keys in {directory} have width {tensors['keys'].shape[-1]}, "
                             f"this SERAC config gives {self.key_dim}")
         n = int(manifest["num_edits"])
         self.keys = tensors["keys"]
         self.edit_embeds = [tensors[f"embeds.{i}"] for i in range(n)]
-        self.requests = [Sample(p, t, im) for p, t, im in manifest["requests"]]
+        self.requests = requests_from(manifest["requests"])
 
     # ---- the two models ----------------------------------------------------------------------------
     def scope_reps(self, rows: list[torch.Tensor]) -> torch.Tensor:
