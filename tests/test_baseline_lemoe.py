@@ -14,14 +14,6 @@ from utils.scoring import teacher_forced
 FAST = dict(lr=1e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     return toy_records(toy_world(tmp_path_factory.mktemp("lemoe")))

@@ -74,7 +74,6 @@ def test_retrieved_edit_prefix_with_its_image_goes_before_the_query():
 
 @torch.no_grad()
 def test_retrieval_uses_the_cosine_of_prompt_against_prompt_and_target():
-    vllm = tiny_vllm("tiny-blip2")
     editor = checks.build(NAME, retrieve_threshold=0.3)
     try:
         edits = checks.requests(2)

@@ -114,7 +114,6 @@ def test_bad_config_value_names_the_key(key, value):
 
 
 def test_text_only_request_is_stored_and_applies():
-    vllm = tiny_vllm("tiny-blip2")
     editor = checks.build(NAME, **ALWAYS)
     try:
         editor.edit([Sample("nq question: what is the capital of belor", "nova", None)])

@@ -13,14 +13,6 @@ from utils.scoring import teacher_forced
 QUICK = dict(n_iter=30)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     return toy_records(toy_world(tmp_path_factory.mktemp("wise")))

@@ -167,7 +167,7 @@ def test_check_lengths_names_the_records_that_do_not_fit(tmp_path):
         check_lengths(vllm, records)
     message = str(info.value)
     limit = vllm.stack.config.max_position_embeddings
-    assert f"2 record(s)" in message and f"limit of {limit} positions" in message
+    assert "2 record(s)" in message and f"limit of {limit} positions" in message
     assert "record 2 (request)" in message and "record 2 (image_rephrase)" in message
     assert "record 4 (text_loc)" in message
     assert "record 0" not in message and "record 3" not in message

@@ -26,15 +26,6 @@ REL_KEYS = ["image", "prompt", "target", "edit_time", "predict_after_edit", "acc
 LOC_KEYS = ["image", "prompt", "target", "predict_before_edit", "predict_after_edit", "acc", "exact_match"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a shared CPU) with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from toyworld.world import generate_toyworld

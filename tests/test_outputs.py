@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import ROOT, tiny_vllm
 from editors.base import Editor
@@ -26,14 +25,6 @@ from utils.errors import UserError
 from utils.io import LOCK_FILE, folder_atomic, folder_lock, write_atomic, write_json_atomic
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
