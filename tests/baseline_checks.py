@@ -7,8 +7,6 @@ import torch
 
 from conftest import ROOT
 from editors import load_editor
-from editors.vllms import build_tiny
-from editors.vllms.tiny import TinySpec
 from utils.config import load_config
 from utils.errors import UserError
 from utils.records import Sample
@@ -52,11 +50,13 @@ def config_error(editor_name: str, tmp_path, text: str) -> str:
 
 
 def build_on_real_depth(editor_name: str) -> dict[str, int]:
-    """Each real backbone's config built on a tiny backbone of the same family with 32 layers;
-    returns real name -> the editor's resolved layer index."""
+    """Each real backbone's config built on a real-shape tiny folder of the same family (32 layers,
+    the real layout, loaded by the real name); returns real name -> the editor's resolved layer index."""
+    from conftest import real_shape_backbone
+
     layers = {}
     for real, tiny in REAL.items():
-        vllm = build_tiny(tiny, TinySpec(num_layers=32, hidden_size=32, vision_layers=1))
+        vllm = real_shape_backbone(real, tiny, num_layers=32, hidden_size=32, vision_layers=1)
         editor = load_editor(editor_name, vllm, os.path.join(ROOT, "configs", editor_name, f"{real}.yaml"))
         layers[real] = editor.layer
         editor.remove()

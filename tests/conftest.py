@@ -37,3 +37,22 @@ def make_image(seed: int, size: int = 32) -> Image.Image:
     """A random RGB image; different seeds give different pictures."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def real_shape_backbone(real_name: str, tiny_name: str, **spec):
+    """A tiny backbone of family `tiny_name` with the real model's depth (`spec`, e.g. num_layers=32),
+    saved as a folder in the real layout and loaded back through `load_vllm(real_name, folder)`: what a
+    real backbone's editor config is built on in the tests. Folders are made once per session."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from editors.vllms import TinySpec, build_tiny, load_vllm, save_vllm
+
+    key = ("real-shape", real_name, tiny_name, tuple(sorted(spec.items())))
+    if key not in _CACHE:
+        folder = tempfile.mkdtemp(prefix=f"real-shape-{tiny_name}-")
+        atexit.register(shutil.rmtree, folder, True)
+        save_vllm(build_tiny(tiny_name, TinySpec(**spec)), folder)
+        _CACHE[key] = load_vllm(real_name, path=folder)
+    return _CACHE[key]

@@ -61,13 +61,14 @@ def editor_on(name: str, vllm, **overrides):
 
 
 def check_real_configs(name: str, paper_layer: int) -> None:
-    """Each real backbone's config builds the editor on a tiny model of the real depth (32 layers)."""
-    from editors.vllms import TinySpec, build_tiny
+    """Each real backbone's config builds the editor on a real-shape tiny folder (32 layers, the real
+    layout, loaded by the real name)."""
+    from conftest import real_shape_backbone
 
     for real, tiny in REAL_TO_TINY.items():
         cfg = load_config(editor_class(name).config_class, default_config_path(name, real))
         assert cfg.layer == paper_layer
-        vllm = build_tiny(tiny, TinySpec(num_layers=32, hidden_size=32, vision_hidden_size=32))
+        vllm = real_shape_backbone(real, tiny, num_layers=32, hidden_size=32, vision_hidden_size=32)
         editor = editor_class(name)(vllm, cfg)
         try:
             assert editor.layer == paper_layer
