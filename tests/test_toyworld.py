@@ -405,3 +405,17 @@ def test_v4_ensure_and_cli(tmp_path, capsys):
     assert tw.read_manifest(data / "toyworld")["version"] == 4
     assert tw.main(["--out", str(tmp_path / "bad"), "--version", "4", "--n_eval", "7000"]) == 2
     assert "--n_train" in capsys.readouterr().err
+
+
+def test_v4_pretraining_asks_every_attribute(world_v4):
+    from runs.pretrain import _load_world
+    out, _ = world_v4
+    scenes = _load(out, "scenes.json")
+    loaded = _load_world(str(out))
+    types = set(tw.QUESTION_TYPES) | set(v4.PRETRAIN_QUESTIONS)
+    assert len(loaded.images) == 2 * SMALL_V4["n_pretrain_scenes"]
+    for path, by_type in zip(loaded.images, loaded.questions):
+        assert set(by_type) == types  # no "other": every prompt is recognised
+        scene = v4.SceneV4(**scenes[os.path.relpath(path, out)])
+        for qtype, rows in by_type.items():
+            assert {target for _, target in rows} == {scene.answer(qtype)}

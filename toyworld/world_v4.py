@@ -5,7 +5,7 @@ Selected with `version=4` (`toyworld_args`, `generate_toyworld`, `ensure_toyworl
 
 Scene space. A scene is seven salient attributes (`SceneV4`):
     shape (8: six editable + two locality-only), colour (8: six editable + two locality-only),
-    count (1-3), size (small / large), companion (a small dark mark: none / dot / ring / bar),
+    count (1-3), size (small / large), companion (a small dark mark: none / dot / ring / line),
     pattern (background texture: plain / horizontal stripes / vertical stripes / checks),
     frame (none / a dark border).
 The EDIT space (editable shapes and colours) holds 6 x 6 x 3 x 2 x 4 x 4 x 2 = 6,912 scenes; the
@@ -32,7 +32,8 @@ Records (MMEdit schema, like version 3):
 - `lookalike.json` (a stress split, no target): the eval records with `m_loc` replaced by a probe that
   differs from the record's own edit scene in exactly ONE attribute (cycling through all seven),
   asked the edit's question type: what routing must still tell apart.
-`pretrain.json` cycles through every scene of both spaces in shuffled rounds.
+`pretrain.json` cycles through every scene of both spaces in shuffled rounds, and asks about every
+attribute (`PRETRAIN_QUESTIONS`: size, companion, pattern, frame, beside colour, shape, count).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ EDIT_COLORS = ("red", "orange", "yellow", "green", "blue", "purple")
 LOC_COLORS = ("cyan", "pink")
 COLORS: dict[str, tuple[int, int, int]] = {**w.COLORS, "cyan": (20, 195, 215), "pink": (245, 120, 190)}
 SIZES = ("small", "large")
-COMPANIONS = ("none", "dot", "ring", "bar")
+COMPANIONS = ("none", "dot", "ring", "line")
 PATTERNS = ("plain", "hstripes", "vstripes", "checks")
 FRAMES = ("none", "border")
 
@@ -62,6 +63,22 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "color": EDIT_COLORS + LOC_COLORS,
     "shape": EDIT_SHAPES + LOC_SHAPES,
     "count": w.COUNT_WORDS,
+}
+
+PRETRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "size": ("how big are the shapes?", "what size are the objects?"),
+    "companion": ("what small dark mark is in the picture?", "which dark mark is drawn?"),
+    "pattern": ("what pattern does the background have?", "how is the background patterned?"),
+    "frame": ("is there a dark border?", "does the picture have a frame?"),
+}
+"""Questions about the attributes no edit asks, in `pretrain.json` only: pretraining on them makes
+the backbone's image features encode every attribute (routing tells scenes apart by those features)."""
+
+PRETRAIN_ANSWERS = {
+    "size": dict(zip(SIZES, SIZES)),
+    "companion": dict(zip(COMPANIONS, COMPANIONS)),
+    "pattern": {"plain": "plain", "hstripes": "horizontal", "vstripes": "vertical", "checks": "checkered"},
+    "frame": {"none": "no", "border": "yes"},
 }
 
 WINDOW_V4 = 1000
@@ -101,6 +118,9 @@ class SceneV4:
             raise UserError(f"count must be 1..{len(w.COUNT_WORDS)}, got {self.count}")
 
     def answer(self, qtype: str) -> str:
+        """The one-word answer to a question of type `qtype` (an edit or a `PRETRAIN_QUESTIONS` type)."""
+        if qtype in PRETRAIN_ANSWERS:
+            return PRETRAIN_ANSWERS[qtype][getattr(self, qtype)]
         if qtype == "color":
             return self.color
         if qtype == "shape":
@@ -225,7 +245,7 @@ def draw_scene_v4(scene: SceneV4, image_size: int, rng: np.random.Generator, jit
     for i, ((x, y), s) in enumerate(zip(corners, sizes)):
         x, y = x + inset, y + inset
         if has_companion and i == len(sizes) - 1:
-            _draw_object(draw, {"dot": "dot", "ring": "ring", "bar": "bar"}[scene.companion], x, y, s, _DARK)
+            _draw_object(draw, {"dot": "dot", "ring": "ring", "line": "bar"}[scene.companion], x, y, s, _DARK)
         else:
             _draw_object(draw, scene.shape, x, y, s, COLORS[scene.color])
     img = img.reduce(k)
@@ -325,7 +345,8 @@ def _make_lookalike(evals: list[dict], scenes: list[SceneV4], seed: int, image_s
 def _make_pretrain(n_scenes: int, seed: int, image_size: int, out_dir: Path, facts: list, scenes_meta: dict,
                    forbidden: set) -> list[dict]:
     """Each scene drawn twice (clean + redraw), every question x paraphrase asked of both; scenes cycle
-    through both spaces (7,680) in shuffled rounds; then the text facts. No edit image reused."""
+    through both spaces (7,680) in shuffled rounds, and are also asked the `PRETRAIN_QUESTIONS` about
+    size, companion, pattern and frame; then the text facts. No edit image reused."""
     rng = np.random.default_rng([w._STREAM_PRETRAIN, seed, VERSION])
     combos = edit_space() + loc_space()
     items: list[dict] = []
@@ -341,12 +362,17 @@ def _make_pretrain(n_scenes: int, seed: int, image_size: int, out_dir: Path, fac
             path = f"images/pretrain_{i:06d}{suffix}.png"
             w._save_png(img, out_dir / path)
             scenes_meta[path] = scene.as_dict()
-            for qtype in w.QUESTION_TYPES:
-                for q in w.QUESTIONS[qtype]:
+            for qtype, questions in {**w.QUESTIONS, **PRETRAIN_QUESTIONS}.items():
+                for q in questions:
                     items.append({"image": path, "prompt": w.vqa_prompt(q), "target": scene.answer(qtype)})
     for fact in facts:
         items.append({"image": None, "prompt": w.text_prompt(fact.loc), "target": fact.answer})
     return items
+
+
+def pretrain_question_types() -> dict[str, str]:
+    """Prompt (with the VQA suffix) -> question type, for every image question of `pretrain.json`."""
+    return {w.vqa_prompt(q): t for t, qs in {**w.QUESTIONS, **PRETRAIN_QUESTIONS}.items() for q in qs}
 
 
 def generate_v4(out: Path, args: dict) -> dict:
@@ -387,6 +413,7 @@ def generate_v4(out: Path, args: dict) -> dict:
             "train_cosets": train_cosets[:blocks_needed(args["n_train"])],
             "lookalike_changed": changed,
             "questions": {k: list(v) for k, v in w.QUESTIONS.items()},
+            "pretrain_questions": {k: list(v) for k, v in PRETRAIN_QUESTIONS.items()},
             "vqa_suffix": w.VQA_SUFFIX, "text_loc_suffix": w.TEXT_LOC_SUFFIX,
         },
         "files": ["train.json", "eval.json", "lookalike.json", "pretrain.json", "scenes.json", "images/"],
