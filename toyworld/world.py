@@ -38,6 +38,9 @@ Prompt conventions (the same as the E-VQA reader's templates):
   suffixes already applied (`vqa_prompt`, `text_prompt`). Targets carry no leading space.
 
 Everything is a pure function of the arguments: two runs give byte-identical files.
+
+This module is generator version 3, the default. Version 4 (`world_v4.py`, `version=4` /
+`--version 4`) is shaped like the real benchmarks for 1,000-edit lifelong runs (docs/LIFELONG.md).
 """
 from __future__ import annotations
 
