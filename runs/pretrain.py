@@ -46,6 +46,7 @@ from tqdm import tqdm
 from editors.vllms import save_vllm
 from editors.vllms.tiny import TINY_NAMES, TinySpec, build_tiny
 from toyworld.world import QUESTIONS, ensure_toyworld, read_manifest, vqa_prompt
+from toyworld.world_v4 import pretrain_question_types
 from utils.data import load_edit_dataset
 from utils.devices import tune_cpu_threads
 from utils.errors import UserError
@@ -127,6 +128,7 @@ class _World:
 
 def _load_world(world_dir: str) -> _World:
     qtype_of = {vqa_prompt(q): t for t, qs in QUESTIONS.items() for q in qs}
+    qtype_of.update(pretrain_question_types())  # toy world v4 also asks about size, pattern, ...
     with open(os.path.join(world_dir, "pretrain.json")) as f:
         items = json.load(f)
     index: dict[str, int] = {}

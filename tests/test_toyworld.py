@@ -278,3 +278,144 @@ def test_cli(tmp_path, capsys):
     assert rc == 0 and (out / "manifest.json").exists()
     assert tw.main(["--out", str(out), "--image_size", "4"]) == 2
     assert "image_size" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- version 4
+
+from toyworld import world_v4 as v4  # noqa: E402
+
+SMALL_V4 = dict(n_train=30, n_eval=24, image_size=32, seed=5, n_pretrain_scenes=8, n_facts=12, version=4)
+
+
+@pytest.fixture(scope="module")
+def world_v4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tw4") / "world"
+    manifest = tw.generate_toyworld(out, **SMALL_V4)
+    return out, manifest
+
+
+def test_v4_is_opt_in_and_v3_args_unchanged():
+    assert tw.toyworld_args() == {"n_train": 2000, "n_eval": 500, "image_size": 32, "seed": 0,
+                                  "n_pretrain_scenes": 1000, "n_facts": 40}
+    args = tw.toyworld_args(version=4)
+    assert args["version"] == 4 and (args["n_train"], args["n_eval"]) == (4000, 2000)
+    with pytest.raises(UserError, match="--version"):
+        tw.toyworld_args(version=5)
+    with pytest.raises(UserError, match="--n_train 5000"):
+        tw.toyworld_args(n_train=5000, version=4)
+
+
+def test_v4_counts_schema_and_lookalike_file(world_v4):
+    out, manifest = world_v4
+    assert manifest["version"] == 4
+    scenes = _load(out, "scenes.json")
+    evals, train, look = _load(out, "eval.json"), _load(out, "train.json"), _load(out, "lookalike.json")
+    assert (len(train), len(evals), len(look)) == (30, 24, 24)
+    for r in train + evals + look:
+        assert set(r) == set(tw.MMEDIT_FIELDS)
+        qtype = next(t for t, qs in tw.QUESTIONS.items() if r["src"] in qs)
+        scene = v4.SceneV4(**scenes[r["image"]])
+        assert scene.answer(qtype) == r["pred"] != r["alt"]
+        assert r["alt"] in v4.ANSWERS[qtype]
+        m_qtype = next(t for t, qs in tw.QUESTIONS.items() if r["m_loc_q"] in qs)
+        assert v4.SceneV4(**scenes[r["m_loc"]]).answer(m_qtype) == r["m_loc_a"]
+    for r, e in zip(look, evals):  # the stress split: the eval record, m_loc one attribute away
+        assert {k: v for k, v in r.items() if not k.startswith("m_loc")} == \
+            {k: v for k, v in e.items() if not k.startswith("m_loc")}
+        a, b = v4.SceneV4(**scenes[r["image"]]), v4.SceneV4(**scenes[r["m_loc"]])
+        assert v4.attribute_distance(a, b) == 1
+        assert next(t for t, qs in tw.QUESTIONS.items() if r["m_loc_q"] in qs) == \
+            next(t for t, qs in tw.QUESTIONS.items() if r["src"] in qs)
+
+
+def test_v4_rephrase_is_same_scene_redrawn(world_v4):
+    out, _ = world_v4
+    scenes = _load(out, "scenes.json")
+    for r in _load(out, "eval.json"):
+        assert scenes[r["image"]] == scenes[r["image_rephrase"]]
+        a = np.asarray(Image.open(out / r["image"]), dtype=np.float32)
+        b = np.asarray(Image.open(out / r["image_rephrase"]), dtype=np.float32)
+        assert np.abs(a - b).mean() > 3.0  # re-rendered, not copied
+
+
+def test_v4_distinctness_and_disjoint_pools(world_v4):
+    out, _ = world_v4
+    scenes = _load(out, "scenes.json")
+    split_scenes = {}
+    for split in ("train", "eval"):
+        records = _load(out, f"{split}.json")
+        edit = [v4.SceneV4(**scenes[r["image"]]) for r in records]
+        assert len(set(edit)) == len(edit)  # a unique scene per record
+        for block in range(0, len(edit), v4.WINDOW_V4):
+            window = edit[block:block + v4.WINDOW_V4]
+            assert len({v4.coset_of(s) for s in window}) == 1
+        split_scenes[split] = set(edit)
+        locs = {v4.SceneV4(**scenes[r["m_loc"]]) for r in records}
+        assert not locs & set(edit)
+        for m in locs:  # locality scenes are at least two attributes from every edit scene
+            assert m.shape in v4.LOC_SHAPES and m.color in v4.LOC_COLORS
+            assert min(v4.attribute_distance(m, s) for s in edit) >= 2
+    assert not split_scenes["train"] & split_scenes["eval"]
+
+
+def test_v4_cosets_are_distance_two_codes():
+    space = v4.edit_space()
+    assert len(space) == 6912 and len(v4.loc_space()) == 768
+    by_coset = {}
+    for s in space:
+        by_coset.setdefault(v4.coset_of(s), []).append(s)
+    assert sorted(len(c) for c in by_coset.values()) == [1152] * 6
+    # changing any one attribute of a scene leaves its coset (so two scenes of a coset differ in >= 2)
+    rng = np.random.default_rng(0)
+    for s in [space[int(i)] for i in rng.choice(len(space), 300, replace=False)]:
+        for attr in v4.ATTRIBUTES:
+            assert v4.coset_of(v4.one_attribute_change(s, attr, rng)) != v4.coset_of(s)
+
+
+def test_v4_full_size_guarantee_of_scene_order():
+    eval_cosets = v4.coset_order(0)[:2]
+    scenes = v4.split_scenes(2000, eval_cosets, tw._STREAM_EVAL, 0)
+    assert len(set(scenes)) == 2000
+    for block in (scenes[:1000], scenes[1000:]):
+        arr = np.asarray([[hash(v) for v in s.values()] for s in block])  # [1000, 7]
+        dist = (arr[:, None, :] != arr[None, :, :]).sum(-1)  # [1000, 1000]
+        assert dist[~np.eye(len(block), dtype=bool)].min() >= 2
+
+
+def test_v4_deterministic_byte_identical(world_v4, tmp_path):
+    out, _ = world_v4
+    again = tmp_path / "again"
+    tw.generate_toyworld(again, **SMALL_V4)
+    assert _tree_digest(out) == _tree_digest(again)
+
+
+def test_v4_ensure_and_cli(tmp_path, capsys):
+    out = tmp_path / "w4"
+    args = {k: v for k, v in SMALL_V4.items() if k != "version"}
+    argv = ["--out", str(out), "--version", "4"] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    assert tw.main(argv) == 0
+    assert tw.read_manifest(out)["version"] == 4
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    tw.ensure_toyworld(out, **SMALL_V4)  # reused, not regenerated
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    from toyworld import ensure_toy_data
+    data = tmp_path / "data"
+    tw.ensure_toyworld(data / "toyworld", **SMALL_V4)
+    ensure_toy_data(str(data))  # a v4 world under data/toyworld is kept, not turned into v3
+    assert tw.read_manifest(data / "toyworld")["version"] == 4
+    assert tw.main(["--out", str(tmp_path / "bad"), "--version", "4", "--n_eval", "7000"]) == 2
+    assert "--n_train" in capsys.readouterr().err
+
+
+def test_v4_pretraining_asks_every_attribute(world_v4):
+    from runs.pretrain import _load_world
+    out, _ = world_v4
+    scenes = _load(out, "scenes.json")
+    loaded = _load_world(str(out))
+    types = set(tw.QUESTION_TYPES) | set(v4.PRETRAIN_QUESTIONS)
+    assert len(loaded.images) == 2 * SMALL_V4["n_pretrain_scenes"]
+    for path, by_type in zip(loaded.images, loaded.questions):
+        assert set(by_type) == types  # no "other": every prompt is recognised
+        scene = v4.SceneV4(**scenes[os.path.relpath(path, out)])
+        for qtype, rows in by_type.items():
+            assert {target for _, target in rows} == {scene.answer(qtype)}

@@ -38,6 +38,9 @@ Prompt conventions (the same as the E-VQA reader's templates):
   suffixes already applied (`vqa_prompt`, `text_prompt`). Targets carry no leading space.
 
 Everything is a pure function of the arguments: two runs give byte-identical files.
+
+This module is generator version 3, the default. Version 4 (`world_v4.py`, `version=4` /
+`--version 4`) is shaped like the real benchmarks for 1,000-edit lifelong runs (docs/LIFELONG.md).
 """
 from __future__ import annotations
 
@@ -555,16 +558,51 @@ def _make_pretrain(n_scenes: int, seed: int, image_size: int, out_dir: Path, fac
     return items
 
 
-def toyworld_args(n_train: int = 2000, n_eval: int = 500, image_size: int = 32, seed: int = 0,
-                  n_pretrain_scenes: int = 1000, n_facts: int = 40) -> dict:
-    """The normalised generator arguments, as stored in the manifest (validates them)."""
-    _check_args(n_train, n_eval, image_size, seed, n_pretrain_scenes, n_facts)
-    return {"n_train": n_train, "n_eval": n_eval, "image_size": image_size, "seed": seed,
+VERSIONS = (3, 4)
+"""Generator versions `version=` selects: 3 (this module, the default) and 4 (`world_v4.py`)."""
+
+_V3_DEFAULTS = {"n_train": 2000, "n_eval": 500, "n_pretrain_scenes": 1000}
+
+
+def toyworld_args(n_train: int | None = None, n_eval: int | None = None, image_size: int = 32, seed: int = 0,
+                  n_pretrain_scenes: int | None = None, n_facts: int = 40, version: int = TOYWORLD_VERSION) -> dict:
+    """The normalised generator arguments, as stored in the manifest (validates them).
+
+    Sizes left at None take the version's defaults (v3: 2000 / 500 / 1000; v4: 4000 / 2000 / 4000).
+    Version 3's dict has no "version" key, so its manifests (and pretraining cache keys) are unchanged.
+    """
+    if version not in VERSIONS:
+        raise UserError(f"--version must be one of {', '.join(map(str, VERSIONS))}, got {version!r}")
+    if version == 4:
+        from . import world_v4
+        defaults = world_v4.DEFAULTS
+    else:
+        defaults = _V3_DEFAULTS
+    n_train = defaults["n_train"] if n_train is None else n_train
+    n_eval = defaults["n_eval"] if n_eval is None else n_eval
+    n_pretrain_scenes = defaults["n_pretrain_scenes"] if n_pretrain_scenes is None else n_pretrain_scenes
+    if version == 4:
+        _check_args(0, 0, image_size, seed, n_pretrain_scenes, n_facts)
+        for name, val in (("n_train", n_train), ("n_eval", n_eval)):
+            if not isinstance(val, int) or val < 0:
+                raise UserError(f"--{name} must be a non-negative integer, got {val!r}")
+        world_v4.check_sizes(n_train, n_eval)
+    else:
+        _check_args(n_train, n_eval, image_size, seed, n_pretrain_scenes, n_facts)
+    args = {"n_train": n_train, "n_eval": n_eval, "image_size": image_size, "seed": seed,
             "n_pretrain_scenes": n_pretrain_scenes, "n_facts": n_facts}
+    if version != TOYWORLD_VERSION:
+        args["version"] = version
+    return args
 
 
-def generate_toyworld(out_dir, n_train: int = 2000, n_eval: int = 500, image_size: int = 32,
-                      seed: int = 0, n_pretrain_scenes: int = 1000, n_facts: int = 40) -> dict:
+def _version_of(args: dict) -> int:
+    return args.get("version", TOYWORLD_VERSION)
+
+
+def generate_toyworld(out_dir, n_train: int | None = None, n_eval: int | None = None, image_size: int = 32,
+                      seed: int = 0, n_pretrain_scenes: int | None = None, n_facts: int = 40,
+                      version: int = TOYWORLD_VERSION) -> dict:
     """Write a toy world into `out_dir` (must be absent or empty) and return its manifest.
 
     Files: images/*.png, train.json, eval.json (MMEdit records), pretrain.json
@@ -572,11 +610,14 @@ def generate_toyworld(out_dir, n_train: int = 2000, n_eval: int = 500, image_siz
     {shape, color, count}) and manifest.json, written last. Not atomic on its own; use
     `ensure_toyworld` for that.
     """
-    args = toyworld_args(n_train, n_eval, image_size, seed, n_pretrain_scenes, n_facts)
+    args = toyworld_args(n_train, n_eval, image_size, seed, n_pretrain_scenes, n_facts, version)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty folder; remove it or pick another "
                         "--out (ensure_toyworld replaces an outdated toy world by itself)")
+    if version == 4:
+        from . import world_v4
+        return world_v4.generate_v4(out, args)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     facts = text_facts(seed, n_facts)
@@ -634,7 +675,7 @@ def read_manifest(out_dir) -> dict | None:
 
 def _is_current(out_dir: Path, args: dict) -> bool:
     manifest = read_manifest(out_dir)
-    if manifest is None or manifest.get("version") != TOYWORLD_VERSION or manifest.get("args") != args:
+    if manifest is None or manifest.get("version") != _version_of(args) or manifest.get("args") != args:
         return False
     return all((out_dir / name).exists() for name in ("train.json", "eval.json", "pretrain.json", "images"))
 
@@ -679,19 +720,25 @@ def main(argv: list[str] | None = None) -> int:
                     "(pretrain.json) and a manifest. Reuses --out when it already matches.",
     )
     parser.add_argument("--out", default="data/toyworld", help="output folder (default: data/toyworld)")
-    parser.add_argument("--n_train", type=int, default=2000, help="training edit records (default: 2000)")
-    parser.add_argument("--n_eval", type=int, default=500, help="evaluation edit records (default: 500)")
+    parser.add_argument("--version", type=int, default=TOYWORLD_VERSION, choices=VERSIONS,
+                        help="generator version: 3 (default) or 4 (6,912 editable scenes, 1,000-record windows "
+                             "of pairwise distinct scenes; see toyworld/world_v4.py)")
+    parser.add_argument("--n_train", type=int, default=None,
+                        help="training edit records (default: 2000; version 4: 4000)")
+    parser.add_argument("--n_eval", type=int, default=None,
+                        help="evaluation edit records (default: 500; version 4: 2000)")
     parser.add_argument("--image_size", type=int, default=32, help="image side in pixels, >= 24 (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
-    parser.add_argument("--n_pretrain_scenes", type=int, default=1000,
-                        help="pretraining scenes, each drawn twice and asked every question (default: 1000)")
+    parser.add_argument("--n_pretrain_scenes", type=int, default=None,
+                        help="pretraining scenes, each drawn twice and asked every question "
+                             "(default: 1000; version 4: 4000)")
     parser.add_argument("--n_facts", type=int, default=40, help="invented text facts for text locality (default: 40)")
     parser.add_argument("--force", action="store_true", help="regenerate even if --out already matches")
     ns = parser.parse_args(argv)
     try:
         out = ensure_toyworld(ns.out, force=ns.force, n_train=ns.n_train, n_eval=ns.n_eval,
                               image_size=ns.image_size, seed=ns.seed,
-                              n_pretrain_scenes=ns.n_pretrain_scenes, n_facts=ns.n_facts)
+                              n_pretrain_scenes=ns.n_pretrain_scenes, n_facts=ns.n_facts, version=ns.version)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
