@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from editors.base import Editor
-from editors.baselines.saved import load_state, save_state
+from editors.baselines.saved import identity, load_state, save_state
 from utils.errors import UserError
 from utils.records import Sample
 
@@ -131,13 +131,10 @@ class FineTuneEditor(Editor):
     # ---- persistence --------------------------------------------------------------------------
     def save_edits(self, directory: str) -> None:
         """Write the tuned weight and the edit count, so `load_edits` can continue a run."""
-        save_state(directory, {"weight": self.weight}, self._identity() | {"num_edits": self._num_edits})
-
-    def _identity(self) -> dict:
-        return {"editor": self.name, "module": self.module_path, "backbone": self.vllm.name}
+        save_state(directory, {"weight": self.weight}, identity(self, module=self.module_path) | {"num_edits": self._num_edits})
 
     def load_edits(self, directory: str) -> None:
-        tensors, manifest = load_state(directory, self._identity())
+        tensors, manifest = load_state(directory, identity(self, module=self.module_path))
         weight = tensors["weight"]
         if weight.shape != self.weight.shape:
             raise UserError(f"saved weight in {directory} has shape {tuple(weight.shape)}, expected "

@@ -26,7 +26,7 @@ from torch import nn
 
 from editors.auxiliary import REAL_AUX, TINY_AUX, encode_texts, load_aux, masked_pool
 from editors.base import TrainableEditor
-from editors.baselines.saved import load_state, request_entries, requests_from, save_state
+from editors.baselines.saved import identity, load_state, request_entries, requests_from, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .trained_common import real_rows
@@ -130,14 +130,11 @@ class LTE(TrainableEditor):
 
     def save_edits(self, directory: str) -> None:
         tensors = {"keys": self.keys} | {f"prefix.{i}": e for i, e in enumerate(self.prefix_embeds)}
-        save_state(directory, tensors, self._identity() | {"num_edits": self.num_edits,
+        save_state(directory, tensors, identity(self) | {"num_edits": self.num_edits,
                                                             "requests": request_entries(self.requests)})
 
-    def _identity(self) -> dict:
-        return {"editor": self.name, "backbone": self.vllm.name}
-
     def load_edits(self, directory: str) -> None:
-        tensors, manifest = load_state(directory, self._identity(), self.vllm.device)
+        tensors, manifest = load_state(directory, identity(self), self.vllm.device)
         self.keys = tensors["keys"]
         self.prefix_embeds = [tensors[f"prefix.{i}"] for i in range(int(manifest["num_edits"]))]
         self.requests = requests_from(manifest["requests"])

@@ -26,7 +26,7 @@ from torch import nn
 
 from editors.auxiliary import REAL_AUX, TINY_AUX, encode_texts, load_aux, masked_pool
 from editors.base import TrainableEditor
-from editors.baselines.saved import load_state, request_entries, requests_from, save_state
+from editors.baselines.saved import identity, load_state, request_entries, requests_from, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 
@@ -187,13 +187,10 @@ class RECIPE(TrainableEditor):
 
     def save_edits(self, directory: str) -> None:
         save_state(directory, {"keys": self.keys, "prompts": self.prompts},
-                   self._identity() | {"requests": request_entries(self.requests)})
-
-    def _identity(self) -> dict:
-        return {"editor": self.name, "backbone": self.vllm.name}
+                   identity(self) | {"requests": request_entries(self.requests)})
 
     def load_edits(self, directory: str) -> None:
-        tensors, manifest = load_state(directory, self._identity(), self.vllm.device)
+        tensors, manifest = load_state(directory, identity(self), self.vllm.device)
         if tuple(tensors["prompts"].shape[1:]) != tuple(self.prompts.shape[1:]):
             raise UserError(f"saved prompts in {directory} have shape {tuple(tensors['prompts'].shape[1:])}, "
                             f"this RECIPE config gives {tuple(self.prompts.shape[1:])}")

@@ -40,6 +40,11 @@ def load_state(directory: str, expect: dict, device: str | torch.device = "cpu"
     return load_file(os.path.join(directory, TENSORS_FILE), device=str(device)), manifest
 
 
+def identity(editor, **extra) -> dict:
+    """What saved edits must match to load: the editor, the backbone, and `extra` (e.g. the edited module)."""
+    return {"editor": editor.name, "backbone": editor.vllm.name, **extra}
+
+
 def request_entries(requests: list[Sample]) -> list[list]:
     """Requests for a manifest: [prompt, target, image path] (an in-memory image is recorded as null)."""
     return [[r.prompt, r.target, r.image if isinstance(r.image, str) else None] for r in requests]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from editors.base import TrainableEditor
-from editors.baselines.saved import load_state, save_state
+from editors.baselines.saved import identity, load_state, save_state
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .config import MENDConfig
@@ -218,14 +218,10 @@ class MENDVL(TrainableEditor):
     def save_edits(self, directory: str) -> None:
         """Write each module's running ΔW (safetensors) and its row count (JSON manifest)."""
         tensors = {f"delta.{i}": d for i, d in enumerate(self._deltas) if d is not None}
-        save_state(directory, tensors, self._identity() | {"rows": self._rows, "num_edits": self._num_edits})
-
-    def _identity(self) -> dict:
-        """What saved edits must match to load: editor, backbone and the edited modules."""
-        return {"editor": self.name, "backbone": self.vllm.name, "modules": [t.path for t in self.targets]}
+        save_state(directory, tensors, identity(self, modules=[t.path for t in self.targets]) | {"rows": self._rows, "num_edits": self._num_edits})
 
     def load_edits(self, directory: str) -> None:
-        tensors, manifest = load_state(directory, self._identity())
+        tensors, manifest = load_state(directory, identity(self, modules=[t.path for t in self.targets]))
         deltas = []
         for i, t in enumerate(self.targets):
             delta = tensors.get(f"delta.{i}")
