@@ -8,6 +8,8 @@ sigmoid of the query similarity; the residual sum_m c_m ReLU(U_m LN(h)) V_m is a
 output. It routes at every "full" pass and at the "prefill" of `generate`, and reuses that routing
 at the call's "decode" steps. Rows with no selected expert, and text-only rows, are untouched.
 The features, routing and residual come from `features.py`, the path training also takes.
+The config's `expert_mixing` and `visual_key` switch to the paper's ablations -SR and HR*
+(docs/ABLATIONS.md).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from utils.devices import resolve_dtype
 from utils.errors import UserError
 from utils.records import EditRecord, Sample
 from .config import LiveEditConfig
-from .features import expert_residual, prototype_similarity, query_weights, visual_features
+from .features import edit_visual_keys, expert_residual, prototype_similarity, query_weights, visual_features
 from .modules import ExpertGenerator, FeatureExtractor
 from .repository import ExpertRepository
 from .routing import gather_spans, similarity
@@ -61,6 +63,11 @@ class LiveEdit(TrainableEditor):
         self.hook_layer(config.edit_layer_i, self._edit_hidden)
 
     # ---- Editor API ----------------------------------------------------------------------------
+    @property
+    def pooled_visual_key(self) -> bool:
+        """Whether hard routing compares the whole image, mean-pooled (HR*), not the prompt-led features."""
+        return self.config.visual_key == "pooled"
+
     @property
     def num_edits(self) -> int:
         return len(self.repository)
@@ -109,7 +116,8 @@ class LiveEdit(TrainableEditor):
         edit_span = torch.stack([batch.vision_spans[:, 0], batch.target_spans[:, 1]], dim=1)  # [v0, t1)
         reps, reps_mask = gather_spans(hidden, edit_span)  # [b, n_img + lq + la, D]
         return {"query_keys": self.edit_extractor.extract_query(query, query_mask),  # [b, e, md]
-                "vision_keys": self.edit_extractor.extract_vision(query, query_mask, vision, vision_mask),
+                "vision_keys": edit_visual_keys(self.edit_extractor, query, query_mask, vision, vision_mask,
+                                                self.pooled_visual_key),  # [b, e, md]
                 "up": self.moegen_c(reps, reps_mask),  # [b, r, D]
                 "down": self.moegen_r(reps, reps_mask)}  # [b, r, D]
 
@@ -127,17 +135,17 @@ class LiveEdit(TrainableEditor):
         h = hidden[rows].to(self.instant_reps_norm.weight.dtype)  # [k, l, D]
         vision, vision_mask = gather_spans(h, batch.vision_spans[rows])
         query, query_mask = gather_spans(h, batch.query_spans[rows])
-        ext = self.inpt_extractor
-        visual, summary = visual_features(ext, query, query_mask, vision, vision_mask)  # [k, e, md] x2
+        ext, pooled = self.inpt_extractor, self.pooled_visual_key
+        visual, summary = visual_features(ext, query, query_mask, vision, vision_mask, pooled)  # [k, e, md] x2
         visual_sim = similarity(visual, self.repository.view("vision_keys"), self.sim_scale)  # [k, m]
-        prototype_sim = prototype_similarity(ext, visual, query, query_mask, summary, self.sim_scale)  # [k]
+        prototype_sim = prototype_similarity(ext, visual, query, query_mask, summary, self.sim_scale, pooled)  # [k]
         selected = visual_sim > prototype_sim[:, None]  # [k, m] hard routing
         keep_rows = selected.any(dim=1)  # [k]
         experts = selected.any(dim=0).nonzero().flatten()  # [s]
         if len(experts) == 0:
             return empty, empty, hidden.new_zeros(0, 0)
         weights = query_weights(ext, query[keep_rows], query_mask[keep_rows], self.repository.view("query_keys"),
-                                selected[keep_rows], self.sim_scale, experts)  # [k', s]
+                                selected[keep_rows], self.sim_scale, experts, self.config.expert_mixing)  # [k', s]
         return rows[keep_rows], experts, weights
 
     @torch.no_grad()

@@ -75,6 +75,23 @@ class FeatureExtractor(nn.Module):
         """Prompt features: query [b, lq, D] -> [b, e, md]."""
         return self.ca_query_info_ext2(self.eqe2, self.layer_norm2(query), query_mask)  # [b, e, md]
 
+    def pooled_vision(self, vision, vision_mask=None) -> torch.Tensor:
+        """HR* (the paper's Table-2 ablation): the WHOLE image compressed, no prompt: vision [b, lv, D] ->
+        [b, e, md], e identical rows of v(mean_t LN1(vision_t)).
+
+        This is `read_vision` with uniform attention over the image tokens instead of attention led by
+        the prompt summary: v is the same value projection, and the mean of v(x_t) over the tokens is
+        v of their mean (v is affine). No parameter is added, so a checkpoint fits either mode.
+        """
+        x = self.layer_norm1(vision)  # [b, lv, D]
+        if vision_mask is None:
+            pooled = x.mean(1)  # [b, D]
+        else:
+            weights = vision_mask.to(x.dtype)[..., None]  # [b, lv, 1]
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)  # [b, D]
+        rows = self.ca_vision_info_ext.v_mlp(pooled)  # [b, md]
+        return rows[:, None, :].expand(-1, self.eqe1.shape[1], -1)  # [b, e, md]
+
     def extract_from_prototype(self, query, query_mask, summary=None) -> torch.Tensor:
         """`extract_vision` against the learned prototype instead of an image -> [b, e, md].
 

@@ -37,6 +37,13 @@ def soft_weights(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return soft * torch.sigmoid(sim) * selected  # [b, m]
 
 
+def mean_weights(selected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """-SR (the paper's Table-2 ablation): each selected expert weighs 1/k, k = the row's selected count;
+    rows with none -> 0. selected [b, m] bool -> [b, m] in `dtype`."""
+    chosen = selected.to(dtype)  # [b, m]
+    return chosen / chosen.sum(dim=-1, keepdim=True).clamp(min=1)  # [b, m]
+
+
 def mixture_residual(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_m c_m ReLU(U_m x) V_m for every position.
 

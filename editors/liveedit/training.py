@@ -13,8 +13,10 @@ Losses (all weights 1 by default):
   rel   mean_i NLL(target_new | h_i + residual(experts chosen by rel_mask_i))
   gen   sum over generality types of the same with gen_mask
   loc   sum over locality types of mean_i KL(post || pre) with loc_mask
-  soft  InfoNCE over the batch of query similarities + absolute term (positive vs previous row)
+  soft  InfoNCE over the batch of query similarities (relative, l_sr2) + absolute term (positive vs
+        previous row, l_sr1), each with its own weight; a weight of 0 skips computing that term
   hard  softmax over [edit visual keys | prototype]: neighbours beat the prototype, mismatches lose to it
+The config's `expert_mixing` (-SR) and `visual_key` (HR*) reach the step through `features.py`.
 
 Under torchrun (`utils/distributed.py`) every rank draws the random choices of the whole global
 batch from the step's rng and computes only its `Shard` of rows; the experts of all C = B edits and
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from utils.distributed import Shard
 from utils.records import EditRecord, Sample
-from .features import expert_residual, prototype_similarity, query_weights, visual_features
+from .features import edit_visual_keys, expert_residual, prototype_similarity, query_weights, visual_features
 from .routing import gather_spans, similarity
 
 REL, GEN, LOC = "rel", "gen", "loc"
@@ -177,7 +179,8 @@ def _span_reps(editor, group: SampleGroup, part: str, rows=None):
 def _edited_logits(editor, group: SampleGroup, query_keys, up, down, mask) -> torch.Tensor:
     """Logits on the label positions after adding the soft-weighted residual of the masked experts."""
     query, query_mask = _span_reps(editor, group, "query")
-    weights = query_weights(editor.inpt_extractor, query, query_mask, query_keys, mask, editor.sim_scale)  # [B, C]
+    weights = query_weights(editor.inpt_extractor, query, query_mask, query_keys, mask, editor.sim_scale,
+                            mixing=editor.config.expert_mixing)  # [B, C]
     dtype = _module_dtype(editor)
     hidden = group.hidden.to(dtype)
     residual = expert_residual(editor.instant_reps_norm, hidden, up, down, weights, dtype)  # [B, l, D]
@@ -226,11 +229,66 @@ def _hard_routing_probs(editor, batch, pairs, shard: Shard) -> torch.Tensor:
     va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
     vb, vb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "vision")
-    visual_in, summary = visual_features(editor.inpt_extractor, qa, qa_mask, va, va_mask)  # [B, e, md] x2
-    visual_edit = shard.gather(editor.edit_extractor.extract_vision(qb, qb_mask, vb, vb_mask))  # [C, e, md]
+    pooled = editor.pooled_visual_key
+    visual_in, summary = visual_features(editor.inpt_extractor, qa, qa_mask, va, va_mask, pooled)  # [B, e, md] x2
+    visual_edit = shard.gather(edit_visual_keys(editor.edit_extractor, qb, qb_mask, vb, vb_mask, pooled))  # [C, e, md]
     sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, C]
-    prototype = prototype_similarity(editor.inpt_extractor, visual_in, qa, qa_mask, summary, editor.sim_scale)  # [B]
+    prototype = prototype_similarity(editor.inpt_extractor, visual_in, qa, qa_mask, summary, editor.sim_scale,
+                                     pooled)  # [B]
     return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, C+1]
+
+
+def _soft_routing_terms(editor, batch, shard: Shard, rows, own) -> dict[str, torch.Tensor]:
+    """The soft-routing terms whose weight is not 0 (an ablated term is never computed): input query
+    features of A_j against edit query features of B_k, S [B, C]. Keys: "relative" (l_sr2, InfoNCE over
+    the batch), "absolute" (l_sr1) with its logged "positive" / "negative" sigmoids."""
+    cfg, eps = editor.config.train_cfg, editor.config.train_cfg.eps
+    if not (cfg.soft_routing_rel_lambda or cfg.soft_routing_abs_lambda):
+        return {}
+    qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in batch.neighbour_pairs], "query")
+    qb, qb_mask = _stack_rows(editor, batch, [b for _, b in batch.neighbour_pairs], "query")
+    sim = similarity(editor.inpt_extractor.extract_query(qa, qa_mask),
+                     shard.gather(editor.edit_extractor.extract_query(qb, qb_mask)), editor.sim_scale)  # [B, C]
+    terms = {}
+    if cfg.soft_routing_rel_lambda:
+        terms["relative"] = -shard.mean(torch.log(torch.softmax(sim, dim=1)[rows, own] + eps))
+    if cfg.soft_routing_abs_lambda:
+        positive = torch.sigmoid(sim[rows, own])
+        negative = torch.sigmoid(sim.roll(1, dims=1)[rows, own])  # the previous record
+        terms["absolute"] = -shard.mean(torch.log(positive + eps) + torch.log(1 - negative + eps))
+        terms["positive"], terms["negative"] = positive, negative
+    return terms
+
+
+def _weighted_soft_routing(cfg, terms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """lambda_rel * relative + lambda_abs * absolute over the computed terms (None: neither). Equal weights
+    are applied as lambda * (relative + absolute), the expression (and so the bits) of the single weight."""
+    relative, absolute = terms.get("relative"), terms.get("absolute")
+    if relative is not None and absolute is not None:
+        if cfg.soft_routing_rel_lambda == cfg.soft_routing_abs_lambda:
+            return cfg.soft_routing_rel_lambda * (relative + absolute)
+        return cfg.soft_routing_rel_lambda * relative + cfg.soft_routing_abs_lambda * absolute
+    if relative is not None:
+        return cfg.soft_routing_rel_lambda * relative
+    if absolute is not None:
+        return cfg.soft_routing_abs_lambda * absolute
+    return None
+
+
+def _soft_routing_logs(terms: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
+    """TensorBoard scalars of the computed soft-routing terms (an ablated term has none)."""
+    logs = {}
+    if "relative" in terms:
+        logs["MoE soft routing relative loss"] = terms["relative"]
+    if "absolute" in terms:
+        logs.update({"MoE soft routing abstract loss": terms["absolute"],
+                     "MoE soft routing mean abstract positive similarity": shard.mean(terms["positive"]),
+                     "MoE soft routing mean abstract negative similarity": shard.mean(terms["negative"])})
+    if "relative" in terms and "absolute" in terms:
+        logs["MoE soft routing loss"] = terms["relative"] + terms["absolute"]
+    elif terms:
+        logs["MoE soft routing loss"] = terms.get("relative", terms.get("absolute"))
+    return logs
 
 
 def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
@@ -267,32 +325,23 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
         loc_loss = loc_loss + term
 
     # soft routing: input query features of A_j against edit query features of B_k
-    qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in batch.neighbour_pairs], "query")
-    qb, qb_mask = _stack_rows(editor, batch, [b for _, b in batch.neighbour_pairs], "query")
-    sim = similarity(editor.inpt_extractor.extract_query(qa, qa_mask),
-                     shard.gather(editor.edit_extractor.extract_query(qb, qb_mask)), editor.sim_scale)  # [B, C]
-    rows, own = shard.diagonal(sim.device)  # [B] x2: row j and its own record's column
-    relative = -shard.mean(torch.log(torch.softmax(sim, dim=1)[rows, own] + eps))
-    positive = torch.sigmoid(sim[rows, own])
-    negative = torch.sigmoid(sim.roll(1, dims=1)[rows, own])  # the previous record
-    absolute = -shard.mean(torch.log(positive + eps) + torch.log(1 - negative + eps))
-    soft_loss = relative + absolute
+    rows, own = shard.diagonal(editor.instant_reps_norm.weight.device)  # [B] x2: row j and its own record's column
+    soft_terms = _soft_routing_terms(editor, batch, shard, rows, own)
 
     # hard routing: neighbours must beat the prototype, mismatched pairs must lose to it
     neighbour = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.neighbour_pairs, shard)[rows, own] + eps))
     prototype = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.prototype_pairs, shard)[:, -1] + eps))
     hard_loss = neighbour + prototype
 
-    total = (cfg.rel_lambda * rel_loss + cfg.gen_lambda * gen_loss + cfg.loc_lambda * loc_loss
-             + cfg.soft_routing_lambda * soft_loss + cfg.hard_routing_lambda * hard_loss)
+    total = cfg.rel_lambda * rel_loss + cfg.gen_lambda * gen_loss + cfg.loc_lambda * loc_loss
+    soft_loss = _weighted_soft_routing(cfg, soft_terms)
+    if soft_loss is not None:
+        total = total + soft_loss
+    total = total + cfg.hard_routing_lambda * hard_loss
     total.backward()
     logs.update({
         "Loss": total, "Reliability loss": rel_loss, "Generality loss": gen_loss,
-        "Locality loss": loc_loss,
-        "MoE soft routing relative loss": relative, "MoE soft routing abstract loss": absolute,
-        "MoE soft routing mean abstract positive similarity": shard.mean(positive),
-        "MoE soft routing mean abstract negative similarity": shard.mean(negative),
-        "MoE soft routing loss": soft_loss,
+        "Locality loss": loc_loss, **_soft_routing_logs(soft_terms, shard),
         "MoE hard routing neighbor loss": neighbour, "MoE hard routing prototype loss": prototype,
         "MoE hard routing loss": hard_loss,
     })
