@@ -38,11 +38,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="one seed, tiny-blip2, 1 and 100 edits, 200 records, short trainings, no ablations; "
-                        "writes under records/tables-quick and docs/TABLES-quick.md unless given")
+                        "writes under records/tables-quick/ (its TABLES.md too) unless given")
     p.add_argument("--plan", action="store_true", help="print the jobs and the estimated time; run nothing")
     p.add_argument("--report_only", action="store_true", help="rewrite summary.json and the doc from finished cells")
     p.add_argument("--out_dir", default=None, help=f"the run's folder (default: {d['out_dir'].default})")
-    p.add_argument("--data_dir", default=None, help="where the toy world goes (default: <out_dir>/data)")
+    p.add_argument("--data_dir", default=None,
+                   help="where the toy world goes (default: <out_dir>/data), or the folder holding easy-edit-mm/ "
+                        "and VLKEB/ for real data (default: data)")
     p.add_argument("--doc", default=None, help=f"the Markdown written (default: {d['doc_path'].default})")
     p.add_argument("--backbones", nargs="+", default=None, help="default: tiny-blip2 tiny-llava")
     p.add_argument("--editors", nargs="+", default=None, help=f"-en names (default: {' '.join(TABLE_EDITORS)})")
@@ -57,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--train_steps", nargs="+", default=None, metavar="EDITOR=STEPS",
                    help=f"training steps per trained editor (default: "
                         f"{' '.join(f'{k}={v}' for k, v in FULL_TRAIN_STEPS.items())}); ALL=N sets every one")
+    p.add_argument("--data", default=None, help="TOY (default) or EVQA / EIC / VLKEB under --data_dir (real backbones)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    p.add_argument("--model_path", action="append", default=[], metavar="BACKBONE=FOLDER",
+                   help="a backbone's local weight folder (repeatable); otherwise LIVEEDIT_*_PATH / "
+                        "configs/model_paths.yaml as for the other scripts")
     p.add_argument("--jobs", type=int, default=None, help="jobs at once, one CPU thread each (default: 2)")
     p.add_argument("--no_pretrain", action="store_true", help="random tiny backbones (tests only)")
     p.add_argument("--no_progress", action="store_true")
@@ -68,15 +75,22 @@ def config_from(ns):
 
     changes = {k: v for k, v in {"out_dir": ns.out_dir, "doc_path": ns.doc, "records": ns.records,
                                  "records_slow": ns.records_slow, "records_max_point": ns.records_max_point,
-                                 "jobs": ns.jobs}.items() if v is not None}
+                                 "jobs": ns.jobs, "data_name": ns.data, "device": ns.device}.items()
+               if v is not None}
+    for item in ns.model_path:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--model_path: expected BACKBONE=FOLDER, got {item!r}")
+        changes.setdefault("model_paths", {})[name] = folder
     for name in ("backbones", "editors", "points", "seeds", "ablations"):
         if getattr(ns, name) is not None:
             changes[name] = tuple(getattr(ns, name))
     if ns.quick:
         changes.setdefault("out_dir", os.path.join("records", "tables-quick"))
-        changes.setdefault("doc_path", os.path.join("docs", "TABLES-quick.md"))
+        changes.setdefault("doc_path", os.path.join(changes["out_dir"], "TABLES.md"))
     out = changes.get("out_dir", TablesConfig.__dataclass_fields__["out_dir"].default)
-    changes["data_dir"] = ns.data_dir or os.path.join(out, "data")
+    toy = (ns.data or "TOY").upper() == "TOY"
+    changes["data_dir"] = ns.data_dir or (os.path.join(out, "data") if toy else "data")
     if ns.no_pretrain:
         changes["pretrain"] = False
     cfg = TablesConfig.quick_defaults(**changes) if ns.quick else TablesConfig(**changes)
@@ -139,7 +153,8 @@ def run(ns) -> int:
                 "records per point": f"{cfg.records} (per-edit optimisers: {cfg.records_slow}); "
                                      f"{cfg.records_max_point} at {max(cfg.points)} edits" if max(cfg.points) >= 1000
                 else f"{cfg.records} (per-edit optimisers: {cfg.records_slow})",
-                "training steps (batch 8, seed 0)": cfg.train_steps, "toy world": f"version {cfg.world_version}"}
+                "training steps (batch 8, seed 0)": cfg.train_steps,
+                "data": f"toy world, version {cfg.world_version}" if cfg.toy else cfg.data_name}
     doc = report.write_doc(cfg, summary, doc_info)
     print(f"wrote {path} and {doc}")
     if outcome and (outcome.failed or outcome.blocked):

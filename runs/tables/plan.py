@@ -85,11 +85,19 @@ class TablesConfig:
     world_version: int = 4
     pretrain: bool = True
     """Pretrain the tiny backbones on the toy world (False: their random weights; tests only)."""
+    data_name: str = "TOY"
+    """The data set (-dna / -dn): TOY, or EVQA / EIC / VLKEB under data_dir for the real backbones."""
+    device: str = "cpu"
+    model_paths: dict[str, str] = field(default_factory=dict)
+    """backbone -> its local weight folder (otherwise the usual resolution: env, configs/model_paths.yaml)."""
     jobs: int = 2
     quick: bool = False
 
     def __post_init__(self) -> None:
         from editors import editor_class
+        from utils.data import canonical_dataset_name
+
+        self.data_name = canonical_dataset_name(self.data_name)  # an unknown name is a UserError
 
         for name in self.editors:
             editor_class(name)  # an unknown name is a UserError naming it
@@ -118,8 +126,12 @@ class TablesConfig:
         return self.records_slow if editor in PER_EDIT_OPTIMISERS else self.records
 
     @property
-    def world_dir(self) -> str:
-        return os.path.join(self.data_dir, "toyworld")
+    def toy(self) -> bool:
+        return self.data_name.upper() == "TOY"
+
+    def pretrained(self, backbone: str) -> bool:
+        """Whether the backbone is a tiny one pretrained here on the toy world."""
+        return self.toy and self.pretrain and backbone.startswith("tiny-") and backbone not in self.model_paths
 
 
 @dataclass
@@ -165,16 +177,16 @@ def eval_key(backbone: str, row: str, point: int, seed: int) -> str:
 
 def build_jobs(cfg: TablesConfig) -> list[Job]:
     """Every job of the run in a valid order (dependencies first); `jobs.run_jobs` skips finished ones."""
-    jobs = [Job("world", _python("-m", "runs.tables.stage", "world", "--data_dir", cfg.data_dir,
+    jobs = [] if not cfg.toy else [Job("world", _python("-m", "runs.tables.stage", "world", "--data_dir", cfg.data_dir,
                                  "--version", str(cfg.world_version),
                                  "--need_eval", str(max_records(cfg))),
                 world_marker(cfg.data_dir), cost_s=60, kind="world")]
     for backbone in cfg.backbones:
-        if cfg.pretrain:
+        if cfg.pretrained(backbone):
             jobs.append(Job(f"pretrain-{backbone}", _python("-m", "runs.tables.stage", "pretrain", "--backbone", backbone,
                                                             "--data_dir", cfg.data_dir, "--records", cfg.out_dir),
                             backbone_marker(cfg.out_dir, backbone), deps=("world",), cost_s=300, kind="pretrain", meta={"backbone": backbone}))
-    if "lte_vl" in cfg.editors:
+    if "lte_vl" in cfg.editors and cfg.toy:
         jobs.append(Job("retriever", _python("-m", "runs.tables.stage", "retriever", "--data_dir", cfg.data_dir,
                                              "--records", cfg.out_dir),
                         backbone_marker(cfg.out_dir, LTE_RETRIEVER), deps=("world",), cost_s=60, kind="retriever"))
@@ -185,9 +197,8 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
         steps = cfg.train_steps[editor]
         argv = ["--backbone", backbone, "--editor", editor, "--steps", str(steps), "--batch", str(cfg.train_batch),
                 "--data_dir", cfg.data_dir, "--records", cfg.out_dir] + (["--ablation", ablation] if ablation else [])
-        if not cfg.pretrain:
-            argv.append("--no_pretrain")
-        deps = ("world",) + ((f"pretrain-{backbone}",) if cfg.pretrain else ())
+        argv += _backbone_args(cfg, backbone)
+        deps = tuple(_backbone_deps(cfg, backbone))
         jobs.append(Job(train_key(backbone, row), _python("-m", "runs.tables.stage", "train", *argv),
                         train_marker(cfg.out_dir, backbone, row), deps=deps,
                         cost_s=steps * STEP_S.get(editor, 0.3) + 20, kind="train",
@@ -205,18 +216,31 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
     return jobs
 
 
+def _backbone_args(cfg: TablesConfig, backbone: str) -> list[str]:
+    """Where a train / eval job finds its data, device and backbone weights."""
+    args = ["--data", cfg.data_name, "--device", cfg.device]
+    if cfg.pretrained(backbone):
+        args.append("--pretrained")
+    elif backbone in cfg.model_paths:
+        args += ["--model_path", cfg.model_paths[backbone]]
+    return args
+
+
+def _backbone_deps(cfg: TablesConfig, backbone: str) -> list[str]:
+    return (["world"] if cfg.toy else []) + ([f"pretrain-{backbone}"] if cfg.pretrained(backbone) else [])
+
+
 def _eval_job(cfg: TablesConfig, backbone: str, editor: str, row: str, point: int, seed: int) -> Job:
     from editors import editor_class
 
     n = cfg.records_for(editor, point)
     argv = ["--backbone", backbone, "--editor", editor, "--row", row, "--edits", str(point), "--records", str(n),
             "--seed", str(seed), "--data_dir", cfg.data_dir, "--out", cfg.out_dir]
-    if not cfg.pretrain:
-        argv.append("--no_pretrain")
-    deps = ["world"] + ([f"pretrain-{backbone}"] if cfg.pretrain else [])
+    argv += _backbone_args(cfg, backbone)
+    deps = _backbone_deps(cfg, backbone)
     if editor_class(editor).needs_training:
         deps.append(train_key(backbone, row))
-    if editor == "lte_vl":
+    if editor == "lte_vl" and cfg.toy:
         deps.append("retriever")
     cost = n * EDIT_S.get(editor, 0.03) + n * 0.03 + 15
     return Job(eval_key(backbone, row, point, seed), _python("-m", "runs.tables.stage", "eval", *argv),

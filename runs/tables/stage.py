@@ -34,9 +34,11 @@ def write_marker(path: str, obj: dict) -> None:
     write_json_atomic(path, obj)
 
 
-def backbone_path(out: str, backbone: str, pretrained: bool) -> str | None:
-    """The pretrained backbone's folder, or None for the random tiny weights (tests)."""
-    return read_json(backbone_marker(out, backbone))["folder"] if pretrained else None
+def backbone_path(ns) -> str | None:
+    """The backbone's weights: pretrained here, --model_path, or None (the usual resolution; a tiny
+    name without either is its random weights)."""
+    out = ns.records if ns.kind == "train" else ns.out
+    return read_json(backbone_marker(out, ns.backbone))["folder"] if ns.pretrained else ns.model_path
 
 
 # ---- the kinds -----------------------------------------------------------------------------------
@@ -112,10 +114,9 @@ def train(ns) -> None:
     earlier = sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*", "checkpoints", "latest")))
     config = ablation_yaml(ns.records, ns.backbone, ns.ablation) if ns.ablation else None
     cfg = TrainRunConfig(
-        editor_name=ns.editor, model_name=ns.backbone, data_name="TOY", batch_size=ns.batch, max_steps=ns.steps,
+        editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data, batch_size=ns.batch, max_steps=ns.steps,
         save_every=max(ns.steps // 4, 1), seed=0, records_dir=runs_dir, name_prefix=prefix,
-        model_path=backbone_path(ns.records, ns.backbone, not ns.no_pretrain), data_dir=ns.data_dir,
-        config_path=config, resume_from=os.path.dirname(os.path.dirname(earlier[-1])) if earlier else None)
+        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=os.path.dirname(os.path.dirname(earlier[-1])) if earlier else None)
     start = time.time()
     result = run_training(cfg)
     write_marker(train_marker(ns.records, ns.backbone, row),
@@ -133,12 +134,12 @@ def evaluate(ns) -> None:
     if editor_class(ns.editor).needs_training:
         checkpoint = read_json(train_marker(ns.out, ns.backbone, ns.row))["checkpoint"]
     aux = []
-    if ns.editor == "lte_vl":
+    if ns.editor == "lte_vl" and ns.data.upper() == "TOY":
         aux = [f"{LTE_RETRIEVER}={read_json(backbone_marker(ns.out, LTE_RETRIEVER))['folder']}"]
     cfg = EvalConfig(
-        sequential_edit_n=ns.edits, editor_name=ns.editor, model_name=ns.backbone, data_name="TOY",
+        sequential_edit_n=ns.edits, editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data,
         data_sample_n=ns.records, record_seed=ns.seed, seed=ns.seed,
-        model_path=backbone_path(ns.out, ns.backbone, not ns.no_pretrain), data_dir=ns.data_dir,
+        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device,
         results_dir=os.path.join(ns.out, "eval"), eval_name_postfix=f"{folder_part(ns.row)}-n{ns.records}-s{ns.seed}",
         editor_checkpoint=checkpoint, aux_model_paths=aux, exact_match=False, show_progress=False,
         allow_untrained=False)
@@ -173,14 +174,21 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ablation", default=None)
-    p.add_argument("--no_pretrain", action="store_true")
+    _backbone_flags(p)
     p = kinds.add_parser("eval")
     for name in ("--backbone", "--editor", "--row", "--data_dir", "--out"):
         p.add_argument(name, required=True)
     for name in ("--edits", "--records", "--seed"):
         p.add_argument(name, type=int, required=True)
-    p.add_argument("--no_pretrain", action="store_true")
+    _backbone_flags(p)
     return parser.parse_args(argv)
+
+
+def _backbone_flags(p) -> None:
+    p.add_argument("--data", default="TOY")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pretrained", action="store_true", help="the backbone pretrained by the pretrain job")
+    p.add_argument("--model_path", default=None)
 
 
 KINDS = {"world": make_world, "pretrain": pretrain, "retriever": retriever, "train": train, "eval": evaluate}
