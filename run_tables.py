@@ -136,9 +136,12 @@ def run(ns) -> int:
     os.makedirs(cfg.out_dir, exist_ok=True)
     info_path = os.path.join(cfg.out_dir, "run_info.json")
     info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
+    info.setdefault("commits", [])
     start = time.time()
     outcome = None
     if not ns.report_only:
+        if commit() not in info["commits"]:  # a resumed run may span commits: the doc lists them all
+            info["commits"].append(commit())
         try:
             outcome = run_jobs(jobs, cfg.out_dir, cfg.jobs, show_progress=not ns.no_progress)
         finally:
@@ -147,7 +150,8 @@ def run(ns) -> int:
     summary = report.collect(cfg)
     path = report.write_summary(cfg, summary)
     doc_info = {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                "commit": commit(), "machine": machine(),
+                "commit of this call": commit(), "commits the jobs ran at": ", ".join(info["commits"]) or "-",
+                "machine": machine(),
                 "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
                 "jobs at once": cfg.jobs, "seeds": list(cfg.seeds), "points": list(cfg.points),
                 "records per point": f"{cfg.records} (per-edit optimisers: {cfg.records_slow}); "
