@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test bench clean-demo tables tables-quick
 
 setup: $(VENV)/.installed
 
@@ -24,3 +24,9 @@ bench: setup
 
 clean-demo:
 	rm -rf records/demo records/pretrained data/toyworld eval_results/demo
+
+tables: setup
+	$(PY) run_tables.py
+
+tables-quick: setup
+	$(PY) run_tables.py --quick

@@ -6,6 +6,7 @@ refuses, once the backbone is loaded, records whose prompt + target do not fit i
 """
 from __future__ import annotations
 
+import random
 from typing import Iterator, Sequence
 
 from toyworld import ensure_toy_data
@@ -32,6 +33,14 @@ def load_split(data_name: str, split: str, data_dir: str, limit: int | None = No
         raise UserError(f"the {name} {split} data under {data_dir} has no records")
     check_images((s.image for _, _, s in record_samples(records) if s.image is not None), json_path)
     return name, records
+
+
+def draw_records(records: Sequence[EditRecord], seed: int, n: int | None) -> list[EditRecord]:
+    """The first `n` (all when None) of a permutation of `records` seeded by `seed`: which records
+    are edited and in what order, as the authors' evaluator draws them with its random option."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[:n]]
 
 
 def record_samples(records: Sequence[EditRecord]) -> Iterator[tuple[EditRecord, str, Sample]]:

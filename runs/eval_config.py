@@ -83,6 +83,11 @@ class EvalConfig:
              "failing with a message naming it (default: the environment variable LIVEEDIT_DIST_TIMEOUT, else 600)")
     results_dir: str = flag("--results_dir", default="eval_results", help="root folder of the results")
     seed: int = flag("--seed", default=0, help="seeds torch, numpy and the lifelong checkpoint sample")
+    record_seed: int | None = flag(
+        "--record_seed", default=None, type=none_or_value,
+        help="draw which eval records are edited and in what order: a permutation of the whole split seeded "
+             "by this number, then -dsn takes its first n (the authors' evaluator's random option); "
+             "'none' (the default) keeps the split's order")
     show_progress: bool = flag("--no_progress", default=True, action="store_false",
                                help="hide the progress bars")
     lifelong_sample_n: int = 1000
@@ -110,6 +115,9 @@ class EvalConfig:
             raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         parse_device_map(self.device_map)  # none, auto or a readable JSON map naming devices that exist
         check_seed(self.seed, "--seed")
+        if self.record_seed is not None:
+            self.record_seed = int(self.record_seed)
+            check_seed(self.record_seed, "--record_seed")
         if self.eval_name_postfix:
             safe_name_part(self.eval_name_postfix, "-enp/--eval_name_postfix")
         self.editor_checkpoint = none_or_value(self.editor_checkpoint)

@@ -20,7 +20,7 @@ from utils.errors import UserError
 from utils.io import read_json, seed_everything
 
 from runs import distributed
-from runs.data import check_lengths, load_split
+from runs.data import check_lengths, draw_records, load_split
 from runs.eval_config import EvalConfig
 from runs.evaluation import EvalOutcome, evaluate
 
@@ -85,7 +85,10 @@ def run_evaluation(cfg: EvalConfig) -> EvalOutcome | None:
 def _run_evaluation(cfg: EvalConfig, group: distributed.Group, device: str) -> EvalOutcome | None:
     check_trained(cfg.editor_name, cfg.editor_checkpoint, cfg.allow_untrained)
     pinned = check_checkpoint(cfg)
-    data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, cfg.data_sample_n)
+    shuffled = cfg.record_seed is not None
+    data_name, records = load_split(cfg.data_name, "eval", cfg.data_dir, None if shuffled else cfg.data_sample_n)
+    if shuffled:
+        records = draw_records(records, cfg.record_seed, cfg.data_sample_n)
     seed_everything(cfg.seed)
     vllm = load_vllm(cfg.model_name, path=cfg.model_path, device=device, dtype=cfg.dtype,
                      device_map=cfg.device_map)

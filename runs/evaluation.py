@@ -278,6 +278,8 @@ def run_identity(cfg: EvalConfig, editor, records: Sequence[EditRecord], editor_
                             "portability_second_edit": cfg.portability_second_edit}
     if cfg.lifelong:
         identity["lifelong_sample_n"] = cfg.lifelong_sample_n
+    if cfg.record_seed is not None:  # absent otherwise, so results made before the flag still resume
+        identity["record_seed"] = cfg.record_seed
     return json.loads(json.dumps(identity))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = ("utils", "toyworld", "editors", "runs")  # each may import itself and the ones before it
-ENTRY_MODULES = ("train_vllm_editor", "test_vllm_edit", "run_demo")
+ENTRY_MODULES = ("train_vllm_editor", "test_vllm_edit", "run_demo", "run_tables")
 
 
 def project_imports(path: str) -> set[str]:

@@ -1,0 +1,137 @@
+"""Run the jobs of a plan as child processes, a few at a time, skipping the finished ones.
+
+A job is finished when its marker file exists and the ledger (`<out>/jobs.json`) records that it
+finished with the same command: changing a setting (steps, records, seeds) reruns exactly the jobs
+it changes. A failed job is reported with its log and its dependants are skipped; the others go on.
+Ctrl-C / SIGTERM stops the children (trainings save their last step, evaluations keep their
+finished chunks), so the same command resumes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from utils.io import read_json, write_json_atomic
+
+from runs.tables.plan import Job
+
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "TQDM_DISABLE": "1"}  # the logs keep the messages, not the bars
+
+
+def _command(job: Job) -> list[str]:
+    return job.argv[1:]  # without the interpreter's path, which may differ between machines
+
+
+@dataclass
+class Ledger:
+    path: str
+    done: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> "Ledger":
+        return cls(path, read_json(path) if os.path.isfile(path) else {})
+
+    def finished(self, job: Job) -> bool:
+        return os.path.isfile(job.marker) and self.done.get(job.name) == _command(job)
+
+    def record(self, job: Job) -> None:
+        self.done[job.name] = _command(job)
+        write_json_atomic(self.path, self.done)
+
+
+@dataclass
+class Outcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)       # job -> its log
+    blocked: list[str] = field(default_factory=list)           # never started: a dependency failed
+
+
+def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = True) -> Outcome:
+    """Run every unfinished job of `jobs` (in dependency order, `workers` at once)."""
+    ledger = Ledger.load(os.path.join(out_dir, "jobs.json"))
+    logs = os.path.join(out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    outcome = Outcome(skipped=[j.name for j in jobs if ledger.finished(j)])
+    done = set(outcome.skipped)
+    pending = [j for j in jobs if j.name not in done]
+    bar = _progress(pending, show_progress)
+    running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
+    env = os.environ | CHILD_ENV
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    stop = _StopFlag()
+    try:
+        while pending or running:
+            if stop.raised:
+                raise KeyboardInterrupt
+            for job in _blocked(pending, outcome):
+                pending.remove(job)
+                outcome.blocked.append(job.name)
+                bar.update(job.cost_s)
+            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -j.cost_s)
+            for job in ready[:max(workers - len(running), 0)]:
+                pending.remove(job)
+                log = open(os.path.join(logs, f"{job.name}.log"), "w")
+                log.write(" ".join(_command(job)) + "\n\n")
+                log.flush()
+                running[job.name] = (job, subprocess.Popen(job.argv, cwd=root, env=env, stdout=log,
+                                                           stderr=subprocess.STDOUT), log)
+            bar.set_postfix_str(", ".join(running)[:80])
+            time.sleep(0.2)
+            for name, (job, proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                bar.update(job.cost_s)
+                if proc.returncode == 0 and os.path.isfile(job.marker):
+                    ledger.record(job)
+                    done.add(name)
+                    outcome.ran.append(name)
+                else:
+                    outcome.failed[name] = os.path.join(logs, f"{name}.log")
+                    bar.write(f"FAILED {name} (exit {proc.returncode}): see {outcome.failed[name]}")
+    except KeyboardInterrupt:
+        for _, proc, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc, log in running.values():
+            proc.wait()
+            log.close()
+        raise
+    finally:
+        stop.restore()
+        bar.close()
+    return outcome
+
+
+def _blocked(pending: list[Job], outcome: Outcome) -> list[Job]:
+    bad = set(outcome.failed) | set(outcome.blocked)
+    return [j for j in pending if bad.intersection(j.deps)]
+
+
+def _progress(pending: list[Job], show: bool):
+    from tqdm import tqdm
+
+    total = round(sum(j.cost_s for j in pending))
+    return tqdm(total=total, unit="s", unit_scale=False, desc=f"{len(pending)} jobs (estimated seconds)",
+                disable=not show, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} est-s [{elapsed}<{remaining}] {postfix}")
+
+
+class _StopFlag:
+    """SIGTERM turns into the same orderly stop as Ctrl-C (children get SIGTERM, the run resumes)."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)

@@ -1,0 +1,208 @@
+"""One job of `run_tables.py`, run as its own process: `python -m runs.tables.stage <kind> ...`.
+
+    world      the toy world (version 4 by default: 2,000 eval records, so 1,000 edits can be asked)
+    pretrain   one tiny backbone pretrained on it (cached by runs/pretrain.py)
+    retriever  LTE's tiny-mpnet stand-in trained on its train split (runs/aux_pretrain.py)
+    train      one editor (or a LiveEdit ablation) trained on the backbone
+    eval       one table cell: an editor at n sequential edits over the records one seed draws
+
+Each kind is resumable and writes a small JSON marker when it has finished (`markers`); the runner
+skips a job whose marker exists. A cell's JSON holds the five metrics, the edit time per edit, the
+peak memory and the command that reproduces it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from utils.errors import UserError  # noqa: E402
+from utils.io import read_json, write_json_atomic  # noqa: E402
+
+from runs.tables.plan import backbone_marker, cell_path, folder_part, train_marker  # noqa: E402
+
+from runs.tables.plan import LTE_RETRIEVER  # noqa: E402
+
+
+def write_marker(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, obj)
+
+
+def backbone_path(ns) -> str | None:
+    """The backbone's weights: pretrained here, --model_path, or None (the usual resolution; a tiny
+    name without either is its random weights)."""
+    out = ns.records if ns.kind == "train" else ns.out
+    return read_json(backbone_marker(out, ns.backbone))["folder"] if ns.pretrained else ns.model_path
+
+
+# ---- the kinds -----------------------------------------------------------------------------------
+def make_world(ns) -> None:
+    """Generate the toy world unless one is there already (kept whatever its version, as `-dna TOY`
+    keeps it) with enough eval records for the largest point."""
+    from toyworld.world import ensure_toyworld, read_manifest
+
+    folder = os.path.join(ns.data_dir, "toyworld")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        ensure_toyworld(folder, version=ns.version)
+        return
+    with open(os.path.join(folder, "eval.json")) as f:
+        n_eval = len(json.load(f))
+    if n_eval < ns.need_eval:
+        raise UserError(f"the toy world in {folder} has {n_eval} eval records, the tables need {ns.need_eval}: "
+                        f"point --data_dir to another folder (a version-4 world is generated there) or delete it")
+
+
+def pretrain(ns) -> None:
+    from runs.pretrain import ensure_pretrained
+
+    start = time.time()
+    folder = ensure_pretrained(ns.backbone, os.path.join(ns.data_dir, "toyworld"), ns.records)
+    report = read_json(os.path.join(folder, "pretrain_report.json"))
+    write_marker(backbone_marker(ns.records, ns.backbone),
+                      {"folder": folder, "eval_accuracy": report.get("eval_accuracy"),
+                       "pretrain_seconds": report.get("seconds"), "seconds_this_call": round(time.time() - start, 1)})
+
+
+def retriever(ns) -> None:
+    from runs.aux_pretrain import ensure_retriever
+
+    folder = ensure_retriever(ns.data_dir, ns.records)
+    write_marker(backbone_marker(ns.records, LTE_RETRIEVER), {"folder": folder})
+
+
+def ablation_yaml(out: str, backbone: str, ablation: str) -> str:
+    """A LiveEdit config for `backbone` with the ablation's overrides (written once, read by training)."""
+    import yaml
+
+    from editors import default_config_path
+    from editors.liveedit import ablation_config
+
+    with open(default_config_path("liveedit", backbone)) as f:
+        config = yaml.safe_load(f)
+    merged = _deep_merge(config, ablation_config(ablation))
+    path = os.path.join(out, "configs", f"liveedit-{folder_part(ablation)}-{backbone}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# LiveEdit on {backbone}, Table 2 row {ablation}: configs/liveedit/{backbone}.yaml + "
+                f"editors.liveedit.ablation_config({ablation!r})\n")
+        yaml.safe_dump(merged, f, sort_keys=False)
+    return path
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def train(ns) -> None:
+    from runs.train_config import TrainRunConfig
+    from runs.training import run_training
+
+    row = f"liveedit-{ns.ablation}" if ns.ablation else ns.editor
+    runs_dir = os.path.join(ns.records, "runs")
+    prefix = folder_part(row)
+    earlier = sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*", "checkpoints", "latest")))
+    config = ablation_yaml(ns.records, ns.backbone, ns.ablation) if ns.ablation else None
+    cfg = TrainRunConfig(
+        editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data, batch_size=ns.batch, max_steps=ns.steps,
+        save_every=max(ns.steps // 4, 1), seed=0, records_dir=runs_dir, name_prefix=prefix,
+        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=os.path.dirname(os.path.dirname(earlier[-1])) if earlier else None)
+    start = time.time()
+    result = run_training(cfg)
+    write_marker(train_marker(ns.records, ns.backbone, row),
+                      {"checkpoint": result.final_checkpoint, "run_dir": result.run_dir, "steps": ns.steps,
+                       "batch": ns.batch, "config": config, "seconds_this_call": round(time.time() - start, 1)})
+
+
+def evaluate(ns) -> None:
+    from editors import editor_class
+    from runs.eval_config import EvalConfig
+    from runs.eval_run import run_evaluation
+    from runs.results import METRICS, metric_values
+
+    checkpoint = None
+    if editor_class(ns.editor).needs_training:
+        checkpoint = read_json(train_marker(ns.out, ns.backbone, ns.row))["checkpoint"]
+    aux = []
+    if ns.editor == "lte_vl" and ns.data.upper() == "TOY":
+        aux = [f"{LTE_RETRIEVER}={read_json(backbone_marker(ns.out, LTE_RETRIEVER))['folder']}"]
+    cfg = EvalConfig(
+        sequential_edit_n=ns.edits, editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data,
+        data_sample_n=ns.records, record_seed=ns.seed, seed=ns.seed,
+        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device,
+        results_dir=os.path.join(ns.out, "eval"), eval_name_postfix=f"{folder_part(ns.row)}-n{ns.records}-s{ns.seed}",
+        editor_checkpoint=checkpoint, aux_model_paths=aux, exact_match=False, show_progress=False,
+        allow_untrained=False)
+    start = time.time()
+    outcome = run_evaluation(cfg)
+    run = outcome.run
+    cell = {key: metric_values(outcome.total_mean, path).get("acc") for _, key, path in METRICS[:5]}
+    cell |= {"edit_s": run.get("edit_time_per_edit_s"), "peak_mb": run.get("peak_mb"),
+             "peak_kind": run.get("peak_kind"), "records": ns.records, "edits": ns.edits, "seed": ns.seed,
+             "edits_made": run.get("total_edit_n"), "results": outcome.folder,
+             "seconds_this_call": round(time.time() - start, 1)}
+    write_marker(cell_path(ns.out, ns.backbone, ns.row, ns.edits, ns.seed), cell)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m runs.tables.stage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("world")
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--version", type=int, default=4)
+    p.add_argument("--need_eval", type=int, default=1, help="eval records the plan needs")
+    for kind in ("pretrain", "retriever"):
+        p = kinds.add_parser(kind)
+        p.add_argument("--data_dir", required=True)
+        p.add_argument("--records", required=True, help="the run's output folder (caches go under it)")
+        if kind == "pretrain":
+            p.add_argument("--backbone", required=True)
+    p = kinds.add_parser("train")
+    for name in ("--backbone", "--editor", "--data_dir", "--records"):
+        p.add_argument(name, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ablation", default=None)
+    _backbone_flags(p)
+    p = kinds.add_parser("eval")
+    for name in ("--backbone", "--editor", "--row", "--data_dir", "--out"):
+        p.add_argument(name, required=True)
+    for name in ("--edits", "--records", "--seed"):
+        p.add_argument(name, type=int, required=True)
+    _backbone_flags(p)
+    return parser.parse_args(argv)
+
+
+def _backbone_flags(p) -> None:
+    p.add_argument("--data", default="TOY")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pretrained", action="store_true", help="the backbone pretrained by the pretrain job")
+    p.add_argument("--model_path", default=None)
+
+
+KINDS = {"world": make_world, "pretrain": pretrain, "retriever": retriever, "train": train, "eval": evaluate}
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)
+    try:
+        KINDS[ns.kind](ns)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""run_tables.py: the job runner, the report's arithmetic, the seeded record draw, and --quick end to end
+on a tiny subset (a small toy world, random tiny-blip2, three editors, 2 training steps)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runs.data import draw_records
+from runs.tables.jobs import run_jobs
+from runs.tables.plan import Job, TablesConfig, build_jobs
+from runs.tables.report import _entry
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _writer(marker: str, fail: bool = False) -> list[str]:
+    code = "import sys; sys.exit(3)" if fail else f"open({marker!r}, 'w').write('{{}}')"
+    return [sys.executable, "-c", code]
+
+
+def test_runner_skips_finished_reruns_changed_and_blocks_dependants(tmp_path):
+    out = str(tmp_path)
+    marks = {n: str(tmp_path / f"{n}.done") for n in "abcd"}
+    jobs = [Job("a", _writer(marks["a"]), marks["a"]),
+            Job("b", _writer(marks["b"], fail=True), marks["b"]),
+            Job("c", _writer(marks["c"]), marks["c"], deps=("b",)),
+            Job("d", _writer(marks["d"]), marks["d"], deps=("a",))]
+    first = run_jobs(jobs, out, workers=2, show_progress=False)
+    assert sorted(first.ran) == ["a", "d"] and list(first.failed) == ["b"] and first.blocked == ["c"]
+    assert open(first.failed["b"]).readline().startswith("-c ")
+    jobs[1] = Job("b", _writer(marks["b"]), marks["b"])
+    second = run_jobs(jobs, out, workers=2, show_progress=False)
+    assert sorted(second.skipped) == ["a", "d"] and sorted(second.ran) == ["b", "c"]
+    # the same name with another command (another setting) is not finished, even though its marker exists
+    jobs[0] = Job("a", _writer(marks["a"]) + ["# changed"], marks["a"])
+    third = run_jobs(jobs, out, workers=1, show_progress=False)
+    assert third.ran == ["a"] and sorted(third.skipped) == ["b", "c", "d"]
+
+
+def test_entry_is_mean_and_sample_std_over_seeds():
+    cells = [{"rel": 1.0, "t_gen": 0.5, "m_gen": 0.5, "t_loc": 1.0, "m_loc": 1.0, "edit_s": 0.1, "peak_mb": 300,
+              "records": 4, "seed": 0},
+             {"rel": 0.5, "t_gen": 0.5, "m_gen": 0.0, "t_loc": 1.0, "m_loc": 0.5, "edit_s": 0.3, "peak_mb": 350,
+              "records": 4, "seed": 1}]
+    e = _entry(cells)
+    assert e["rel"] == 0.75 and e["m_gen"] == 0.25 and e["std"]["t_gen"] == 0.0
+    assert e["std"]["rel"] == pytest.approx(0.3536, abs=1e-4)  # stdev([1, .5]) = .5 / sqrt(2)
+    assert e["avg"] == pytest.approx((0.8 + 0.5) / 2) and e["std"]["avg"] == pytest.approx(0.2121, abs=1e-4)
+    assert e["edit_s"] == pytest.approx(0.2) and e["peak_mb"] == 350 and e["seeds"] == [0, 1]
+
+
+def test_draw_records_is_a_seeded_permutation():
+    records = list(range(50))
+    a, b = draw_records(records, 1, 10), draw_records(records, 2, 10)
+    assert a == draw_records(records, 1, 10) and a != b and len(set(a)) == 10
+    assert sorted(draw_records(records, 3, None)) == records and draw_records(records, 3, None) != records
+
+
+def test_plan_counts_and_checks():
+    cfg = TablesConfig()
+    jobs = build_jobs(cfg)
+    names = {j.name for j in jobs}
+    # 11 editors x 4 points x 3 seeds x 2 backbones + unedited + 4 ablations x 3 seeds
+    assert sum(j.kind == "eval" for j in jobs) == 11 * 4 * 3 * 2 + 2 * 3 + 4 * 3
+    assert "eval-tiny-blip2-liveedit-HRstar-1000-s2" in names and "train-tiny-llava-mend_vl" in names
+    at_1000 = next(j for j in jobs if j.name == "eval-tiny-llava-grace-1000-s0")
+    assert at_1000.meta["records"] == 1000 and "--edits" in at_1000.argv
+    with pytest.raises(UserError, match="fewer records than edits"):
+        TablesConfig(records=50, points=(1, 100))
+    with pytest.raises(UserError, match="ablation"):
+        TablesConfig(ablations=("no_such",))
+
+
+def test_quick_on_a_tiny_subset(tmp_path):
+    from toyworld.world import generate_toyworld
+
+    data = tmp_path / "data"
+    generate_toyworld(str(data / "toyworld"), n_train=16, n_eval=8, n_pretrain_scenes=2)
+    out, doc = tmp_path / "out", tmp_path / "TABLES.md"
+    cmd = [sys.executable, os.path.join(ROOT, "run_tables.py"), "--quick", "--no_pretrain", "--out_dir", str(out),
+           "--data_dir", str(data), "--doc", str(doc), "--editors", "liveedit", "serac_vl", "ft_l",
+           "--points", "1", "2", "--records", "4", "--records_slow", "4", "--train_steps", "ALL=2", "--no_progress"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"tiny-blip2"} and set(summary["tiny-blip2"]) == {"none", "liveedit", "serac_vl", "ft_l"}
+    cell = summary["tiny-blip2"]["liveedit"]["2"]
+    assert set(cell) >= {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg", "std", "edit_s", "peak_mb", "records"}
+    assert all(0.0 <= cell[k] <= 1.0 for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc"))
+    assert cell["records"] == 4 and cell["peak_mb"] > 0 and cell["edit_s"] is not None
+    text = doc.read_text()
+    assert "Table 1" in text and "| 2 | **LiveEdit** |" in text and "<!-- analysis:start -->" in text
+    assert (tmp_path / "figures" / "tables-tiny-blip2.png").stat().st_size > 1000
+    ledger = json.loads((out / "jobs.json").read_text())
+    assert "train-tiny-blip2-serac_vl" in ledger and "eval-tiny-blip2-ft_l-2-s0" in ledger
+    # the cell's evaluation can be rerun by hand: its log starts with the command
+    assert (out / "logs" / "eval-tiny-blip2-ft_l-2-s0.log").read_text().startswith("-m runs.tables.stage eval")
+    # a second call finds everything finished and runs nothing; the hand-written analysis survives
+    doc.write_text(text.replace("(Written by hand", "KEEP ME (Written by hand"))
+    log_time = os.path.getmtime(out / "logs" / "train-tiny-blip2-liveedit.log")
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert os.path.getmtime(out / "logs" / "train-tiny-blip2-liveedit.log") == log_time
+    assert "KEEP ME" in doc.read_text()
