@@ -84,18 +84,23 @@ def test_quick_on_a_tiny_subset(tmp_path):
     out, doc = tmp_path / "out", tmp_path / "TABLES.md"
     cmd = [sys.executable, os.path.join(ROOT, "run_tables.py"), "--quick", "--no_pretrain", "--out_dir", str(out),
            "--data_dir", str(data), "--doc", str(doc), "--editors", "liveedit", "serac_vl", "ft_l",
-           "--points", "1", "2", "--records", "4", "--records_slow", "4", "--train_steps", "ALL=2", "--no_progress"]
+           "--points", "1", "2", "--ablations", "HR*", "--records", "4", "--records_slow", "4", "--train_steps", "ALL=2", "--no_progress"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"tiny-blip2"} and set(summary["tiny-blip2"]) == {"none", "liveedit", "serac_vl", "ft_l"}
+    assert set(summary) == {"tiny-blip2"}
+    assert set(summary["tiny-blip2"]) == {"none", "liveedit", "serac_vl", "ft_l", "liveedit-HR*"}
+    assert set(summary["tiny-blip2"]["liveedit-HR*"]) == {"2"}  # ablations only at the largest point
+    ablation_cfg = (out / "configs" / "liveedit-HRstar-tiny-blip2.yaml").read_text()
+    assert "visual_key: pooled" in ablation_cfg
     cell = summary["tiny-blip2"]["liveedit"]["2"]
     assert set(cell) >= {"rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg", "std", "edit_s", "peak_mb", "records"}
     assert all(0.0 <= cell[k] <= 1.0 for k in ("rel", "t_gen", "m_gen", "t_loc", "m_loc"))
     assert cell["records"] == 4 and cell["peak_mb"] > 0 and cell["edit_s"] is not None
     text = doc.read_text()
     assert "Table 1" in text and "| 2 | **LiveEdit** |" in text and "<!-- analysis:start -->" in text
+    assert "| LiveEdit HR* |" in text and "Table 2" in text
     assert (tmp_path / "figures" / "tables-tiny-blip2.png").stat().st_size > 1000
     ledger = json.loads((out / "jobs.json").read_text())
     assert "train-tiny-blip2-serac_vl" in ledger and "eval-tiny-blip2-ft_l-2-s0" in ledger

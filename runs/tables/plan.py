@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from editors.liveedit.ablations import ablation_names
 from utils.errors import UserError
 from utils.names import safe_name_part
 
@@ -22,8 +23,8 @@ TABLE_EDITORS = ("ft_l", "ft_m", "mend_vl", "serac_vl", "tp_vl", "lte_vl", "reci
 # Editors that optimise per edit (tens of gradient steps for every edit): slow on a CPU, so the
 # table may give them fewer records per point (`TablesConfig.records_slow`).
 PER_EDIT_OPTIMISERS = ("ft_l", "ft_m", "tp_vl", "lemoe_vl", "grace", "wise")
-# Table 2's rows (besides LiveEdit itself): the paper's names, keys of `editors.liveedit.ablation_config`.
-ABLATIONS = ("l_sr1", "l_sr2", "SR", "HR*")
+# Table 2's rows (besides LiveEdit itself): the paper's names (editors/liveedit/ablations.py).
+ABLATIONS = tuple(ablation_names())
 UNEDITED = "none"
 
 # Training steps per trained editor (batch 8, seed 0): the recipes docs/BASELINES.md and docs/DEMO.md

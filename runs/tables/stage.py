@@ -82,11 +82,11 @@ def ablation_yaml(out: str, backbone: str, ablation: str) -> str:
     import yaml
 
     from editors import default_config_path
-    from editors.liveedit import ablation_config
+    from editors.liveedit.ablations import ablation_config, merge_overrides
 
     with open(default_config_path("liveedit", backbone)) as f:
         config = yaml.safe_load(f)
-    merged = _deep_merge(config, ablation_config(ablation))
+    merged = merge_overrides(config, ablation_config(ablation))
     path = os.path.join(out, "configs", f"liveedit-{folder_part(ablation)}-{backbone}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -94,14 +94,6 @@ def ablation_yaml(out: str, backbone: str, ablation: str) -> str:
                 f"editors.liveedit.ablation_config({ablation!r})\n")
         yaml.safe_dump(merged, f, sort_keys=False)
     return path
-
-
-def _deep_merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        merged[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
-    return merged
 
 
 def train(ns) -> None:
