@@ -13,7 +13,7 @@ import torch
 from conftest import make_image
 from editors.vllms import canonical_name, load_vllm
 from editors.vllms.batch import with_prefix
-from hf_cli_checks import train_then_evaluate
+from hf_family_checks import liveedit_at_the_real_depth, train_then_evaluate
 from utils.errors import UserError
 from test_backbones import (PROMPTS, TARGETS, test_generate_with_left_padding_matches_single_rows,  # noqa: F401
                             test_rows_of_a_batch_equal_the_batch_of_those_rows, test_rows_of_a_padded_batch_match_single_rows)
@@ -128,6 +128,10 @@ def test_names_and_the_fixed_prototype():
     assert canonical_name("Gemma3") == canonical_name("gemma3-4b") == "gemma3-4b"
     assert canonical_name("gemma3:raw") == "gemma3-4b:raw"
     assert hf_tiny(NAME).prototype_tokens == hf_tiny(NAME).num_image_tokens == 16
+
+
+def test_the_real_config_puts_l_e_at_the_papers_depth_of_the_real_model(tmp_path):
+    assert liveedit_at_the_real_depth(tmp_path, "gemma3-4b", NAME, layers=34) == 22
 
 
 def test_train_then_evaluate_liveedit_on_tiny_gemma3_from_the_command_line(tmp_path):

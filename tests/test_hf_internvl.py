@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import make_image
 from editors.vllms import canonical_name, load_vllm
-from hf_cli_checks import train_then_evaluate
+from hf_family_checks import liveedit_at_the_real_depth, train_then_evaluate
 from utils.errors import UserError
 from test_backbones import (test_generate_with_left_padding_matches_single_rows,  # noqa: F401
                             test_rows_of_a_batch_equal_the_batch_of_those_rows, test_rows_of_a_padded_batch_match_single_rows)
@@ -103,6 +103,10 @@ def test_names_and_the_folder_check():
     assert canonical_name("InternVL") == canonical_name("internvl3-8b") == "internvl3-8b"
     assert canonical_name("internvl:raw") == "internvl3-8b:raw"
     assert canonical_name("tiny-internvl:raw") == "tiny-internvl:raw"
+
+
+def test_the_real_config_puts_l_e_at_the_papers_depth_of_the_real_model(tmp_path):
+    assert liveedit_at_the_real_depth(tmp_path, "internvl3-8b", NAME, layers=28) == 18
 
 
 def test_train_then_evaluate_liveedit_on_tiny_internvl_from_the_command_line(tmp_path):

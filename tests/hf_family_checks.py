@@ -1,5 +1,5 @@
-"""The issue's two commands on a tiny processor-driven backbone (tests/test_hf_<family>.py call it):
-train LiveEdit for 2 steps on a tiny toy world, then evaluate 2-edit chunks of 4 records with the checkpoint."""
+"""Checks that tests/test_hf_<family>.py run for each processor-driven family beyond Qwen: the issue's two
+commands on its tiny backbone, and LiveEdit's real config on a tiny model of the real depth loaded by the real name."""
 from __future__ import annotations
 
 import glob
@@ -30,3 +30,24 @@ def train_then_evaluate(tmp_path, name: str) -> str:
     assert evaluate.returncode == 0 and "Traceback" not in evaluate.stderr, evaluate.stderr[-2000:]
     (results,) = glob.glob(str(tmp_path / "results" / "liveedit" / name / "TOY" / "*" / "results.json"))
     return results
+
+
+def liveedit_at_the_real_depth(tmp_path, real: str, tiny: str, layers: int) -> int:
+    """Build LiveEdit with `configs/liveedit/<real>.yaml` on a `tiny` model of `layers` decoder layers saved in
+    the real layout (save_pretrained of model and processor) and loaded as `real`; returns its l_e, checked
+    to be the paper's relative depth (21 of 32 layers)."""
+    from editors import load_editor
+    from editors.vllms import TinySpec, load_vllm
+    from editors.vllms.tiny_vlm import build_tiny_vlm
+
+    small = build_tiny_vlm(tiny, TinySpec(num_layers=layers, hidden_size=32, vision_hidden_size=32, vision_layers=1))
+    small.model.save_pretrained(str(tmp_path))
+    small.processor.save_pretrained(str(tmp_path))
+    vllm = load_vllm(real, path=str(tmp_path))
+    editor = load_editor("liveedit", vllm)
+    try:
+        assert vllm.name == real and vllm.num_layers == layers
+        assert editor.config.edit_layer_i == round(21 / 31 * (layers - 1))
+        return editor.config.edit_layer_i
+    finally:
+        editor.remove()
