@@ -249,7 +249,8 @@ def test_generate_with_the_kv_cache_equals_full_forwards_under_edits(vllm, edito
             attention_mask=grow(batch.attention_mask, 1), position_ids=grow(batch.position_ids, batch.position_ids[:, -1:] + 1),
             token_ids=grow(batch.token_ids, next_id), labels=grow(batch.labels, 0),
             label_mask=grow(batch.label_mask, False),
-            vision_layer_inputs=None if batch.vision_layer_inputs is None else grow(batch.vision_layer_inputs, 0.0))
+            vision_layer_inputs=None if batch.vision_layer_inputs is None else grow(batch.vision_layer_inputs, 0.0),
+            image_blocks=None if batch.image_blocks is None else grow(batch.image_blocks, -1))
     assert len(ids) >= 2 and cached == vllm.tokenizer.decode(ids, skip_special_tokens=True)
     edited = vllm(batch)
     editor.restore()

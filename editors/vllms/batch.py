@@ -28,6 +28,9 @@ class VLLMBatch:
     vision_layer_inputs: torch.Tensor | None = None  # [b, l, k, d]: added to the output of decoder layers
                                   # 0..k-1 at the image positions (Qwen3-VL's deepstack features; 0 elsewhere);
                                   # None for every other family
+    image_blocks: torch.Tensor | None = None  # [b, l] long: which image of the row (0, 1, ..) each image position
+                                  # belongs to, -1 elsewhere; set where the LM attends bidirectionally inside
+                                  # an image (Gemma 3), None for causal-only families
 
     @property
     def size(self) -> int:
@@ -45,13 +48,16 @@ class VLLMBatch:
         mask = self.attention_mask[start:end]  # [n, l]
         length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else self.length
         per_position = ("inputs_embeds", "attention_mask", "position_ids", "token_ids", "labels", "label_mask",
-                        "vision_layer_inputs")
+                        "vision_layer_inputs", "image_blocks")
         return VLLMBatch(**{f.name: _map(getattr(self, f.name), (lambda t: t[start:end, :length]) if f.name in per_position
                                          else (lambda t: t[start:end])) for f in fields(self)})
 
     def layer_inputs(self) -> dict:
         """Keyword arguments of `DecoderStack.hidden` / `run_from` for what the layers add: none for most
-        families; the per-layer image features and the image positions [b, l] bool for Qwen3-VL."""
+        families; the per-layer image features and the image positions [b, l] bool for Qwen3-VL; the image
+        blocks of the bidirectional attention for Gemma 3."""
+        if self.image_blocks is not None:
+            return {"image_blocks": self.image_blocks}
         if self.vision_layer_inputs is None:
             return {}
         return {"layer_inputs": self.vision_layer_inputs,
@@ -86,6 +92,7 @@ def with_prefix(batch: VLLMBatch, prefixes, padding_side: str = "right") -> VLLM
     new = {k: torch.zeros(batch.size, length, dtype=getattr(batch, k).dtype, device=dev)
            for k in ("attention_mask", "labels", "label_mask")}
     new["token_ids"] = torch.full((batch.size, length), -1, dtype=torch.long, device=dev)
+    blocks = None if batch.image_blocks is None else torch.full_like(new["token_ids"], -1)  # [b, length]
     for i, (n, p, s) in enumerate(zip(n_real, lens, starts)):
         off = 0 if padding_side == "right" else length - n - p
         shift = off + p - s  # old position t of this row -> t + shift
@@ -97,6 +104,8 @@ def with_prefix(batch: VLLMBatch, prefixes, padding_side: str = "right") -> VLLM
         embeds.append(torch.cat([pad] + parts if padding_side == "left" else parts + [pad]))
         new["attention_mask"][i, off:off + n + p] = 1
         new["token_ids"][i, off + p:off + p + n] = batch.token_ids[i, s:s + n]
+        if blocks is not None:
+            blocks[i, off + p:off + p + n] = batch.image_blocks[i, s:s + n]
         new["labels"][i, off + p:off + p + n] = batch.labels[i, s:s + n]
         new["label_mask"][i, off + p:off + p + n] = batch.label_mask[i, s:s + n]
     shift = torch.tensor(shifts, device=dev)[:, None]  # [b, 1]
@@ -109,7 +118,7 @@ def with_prefix(batch: VLLMBatch, prefixes, padding_side: str = "right") -> VLLM
                      position_ids=position_ids_from_mask(new["attention_mask"]), token_ids=new["token_ids"],
                      vision_spans=moved(batch.vision_spans), query_spans=batch.query_spans + shift,
                      target_spans=batch.target_spans + shift, labels=new["labels"],
-                     label_mask=new["label_mask"], has_image=batch.has_image)
+                     label_mask=new["label_mask"], has_image=batch.has_image, image_blocks=blocks)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,18 @@ def image_only(processor_cls: type) -> type:
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
+    # transformers saves the settings named in __init__'s signature and reads back those its code names
+    # (InternVL's image_seq_length): the parent's, less the video processor
+    sig = inspect.signature(processor_cls.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=params)
+    own = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY]
+
+    def validate_init_kwargs(processor_config, valid_kwargs):
+        return processor_cls.validate_init_kwargs(processor_config, [*valid_kwargs, *own])
+
+    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__,
+                                                           "validate_init_kwargs": staticmethod(validate_init_kwargs)})
 
 
 class HFVLM(VLLM):
@@ -61,12 +72,13 @@ class HFVLM(VLLM):
     default_name: str = ""
     allowed_keys = AllowList()
     max_prototype_tokens = 64      # LiveEdit prototype length cap (see `prototype_tokens`)
+    stack_class: type | None = None  # the LM's DecoderStack when `stack_for` does not pick it (Gemma 3)
 
     def __init__(self, model, processor, name: str, prompt_mode: str = "chat"):
         if prompt_mode not in PROMPT_MODES:
             raise UserError(f"prompt mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
         inner, lm_head = self.language_model(model)
-        super().__init__(model, stack_for(inner, lm_head), processor.tokenizer, processor.image_processor,
+        super().__init__(model, (self.stack_class or stack_for)(inner, lm_head), processor.tokenizer, processor.image_processor,
                          self.max_image_tokens(processor), name)
         self.processor = processor
         self.prompt_mode = prompt_mode

@@ -14,7 +14,8 @@ import torch
 from .tiny import _MEAN, _STD, TinySpec
 from .tokenizer import train_tokenizer
 
-TINY_VLM_NAMES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
+TINY_VLM_NAMES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl",
+                  "tiny-internvl", "tiny-gemma3")  # tiny_internvl.py, tiny_gemma3.py
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                  "<|video_pad|>"]
@@ -101,7 +102,10 @@ def _qwen3_vl(spec: TinySpec, prompt_mode: str):
 def build_tiny_vlm(name: str, spec: TinySpec | None = None, device="cpu", prompt_mode: str = "chat"):
     """A tiny random processor-driven backbone named `name` (one of TINY_VLM_NAMES)."""
     spec = spec or TinySpec()
-    builders = {"tiny-qwen2.5-vl": _qwen25_vl, "tiny-qwen3-vl": _qwen3_vl}
+    from . import tiny_gemma3, tiny_internvl
+
+    builders = {"tiny-qwen2.5-vl": _qwen25_vl, "tiny-qwen3-vl": _qwen3_vl,
+                "tiny-internvl": tiny_internvl.build, "tiny-gemma3": tiny_gemma3.build}
     if name not in builders:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {TINY_VLM_NAMES}")
     with torch.random.fork_rng(devices=[]):
