@@ -113,3 +113,20 @@ def test_quick_on_a_tiny_subset(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert os.path.getmtime(out / "logs" / "train-tiny-blip2-liveedit.log") == log_time
     assert "KEEP ME" in doc.read_text()
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_bad_flags_and_a_too_small_world_are_one_error_line(tmp_path):
+    from toyworld.world import generate_toyworld
+
+    bad = _run(["run_tables.py", "--plan", "--train_steps", "liveedit=x"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --train_steps") and "Traceback" not in bad.stderr
+    bad = _run(["run_tables.py", "--plan", "--model_path", "tiny-blip2"])
+    assert bad.returncode == 2 and "BACKBONE=FOLDER" in bad.stderr
+    generate_toyworld(str(tmp_path / "toyworld"), n_train=8, n_eval=8, n_pretrain_scenes=2)
+    small = _run(["-m", "runs.tables.stage", "world", "--data_dir", str(tmp_path), "--need_eval", "1000"])
+    assert small.returncode == 2 and "has 8 eval records, the tables need 1000" in small.stderr
+    assert (tmp_path / "toyworld" / "eval.json").is_file()  # kept, never replaced
