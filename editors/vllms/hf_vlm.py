@@ -43,11 +43,14 @@ RAW_SUFFIX = ":raw"  # a backbone name ending in it builds prompts without the c
 
 def image_only(processor_cls: type) -> type:
     """`processor_cls` without its video processor (transformers' video processors need
-    torchvision, which the project never needs): same calls, same files, images and text only."""
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    torchvision, which the project never needs): same calls, same files, images and text only.
+    The class's own __init__ stays, so its settings (LLaVA-OneVision's num_image_tokens...) are saved
+    and read back by save_pretrained / from_pretrained; only the video processor is no attribute."""
+    def get_attributes(cls):
+        return [a for a in processor_cls.get_attributes.__func__(cls) if a != "video_processor"]
 
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
+    return type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
+                                                           "__module__": __name__})
 
 
 class HFVLM(VLLM):
