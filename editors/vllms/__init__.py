@@ -21,6 +21,8 @@ from .llava import LLaVA
 from .minigpt4 import MiniGPT4
 from .paths import resolve_model_path
 from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
+from .hf_llava_onevision import LlavaOneVision
+from .hf_smolvlm import SmolVLM
 from .placement import check_module_names, dispatch
 from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
 from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
@@ -37,9 +39,12 @@ REAL_BACKBONES = {
     # the paper's raw prompts)
     "qwen2.5-vl-7b": (Qwen25VL, "qwen2.5-vl", "qwen2_5_vl"),
     "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
+    "llava-onevision-7b": (LlavaOneVision, "llava-onevision", "llava_onevision"),  # llava-hf/llava-onevision-qwen2-7b-ov-hf
+    "smolvlm-2b": (SmolVLM, "smolvlm", "smolvlm"),  # HuggingFaceTB/SmolVLM2-2.2B-Instruct
 }
 FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
-                  "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b"}
+                  "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b",
+                  "tiny-llava-onevision": "llava-onevision-7b", "tiny-smolvlm": "smolvlm-2b"}
 MARKER_FILE = "liveedit_backbone.json"
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from . import tiny_llava_onevision, tiny_smolvlm  # families whose tiny versions have their own files
 from .tiny import _MEAN, _STD, TinySpec
 from .tokenizer import train_tokenizer
 
-TINY_VLM_NAMES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
+TINY_VLM_NAMES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl",
+                  "tiny-llava-onevision", "tiny-smolvlm")
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                  "<|video_pad|>"]
@@ -101,7 +103,8 @@ def _qwen3_vl(spec: TinySpec, prompt_mode: str):
 def build_tiny_vlm(name: str, spec: TinySpec | None = None, device="cpu", prompt_mode: str = "chat"):
     """A tiny random processor-driven backbone named `name` (one of TINY_VLM_NAMES)."""
     spec = spec or TinySpec()
-    builders = {"tiny-qwen2.5-vl": _qwen25_vl, "tiny-qwen3-vl": _qwen3_vl}
+    builders = {"tiny-qwen2.5-vl": _qwen25_vl, "tiny-qwen3-vl": _qwen3_vl,
+                "tiny-llava-onevision": tiny_llava_onevision.build, "tiny-smolvlm": tiny_smolvlm.build}
     if name not in builders:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {TINY_VLM_NAMES}")
     with torch.random.fork_rng(devices=[]):
