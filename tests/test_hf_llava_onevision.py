@@ -61,3 +61,11 @@ def test_the_processors_settings_survive_save_pretrained(vllm, tmp_path):
     for key in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"):
         assert getattr(loaded, key) == getattr(vllm.processor, key), key
     assert "video_processor" not in loaded.get_attributes()
+
+
+def test_liveedit_config_puts_l_e_at_the_papers_relative_depth():
+    from editors import editor_config
+
+    layers = 28  # llava-onevision-qwen2-7b-ov's Qwen2-7B
+    assert editor_config("liveedit", "llava-onevision-7b").edit_layer_i == round(21 / 31 * (layers - 1)) == 18
+    assert editor_config("liveedit", NAME).edit_layer_i == round(21 / 31 * 3)

@@ -56,3 +56,21 @@ def test_the_processor_loads_without_num2words_and_video_settings(vllm, tmp_path
 
 def test_train_then_evaluate_liveedit_on_tiny_smolvlm_from_the_command_line(tmp_path):
     train_then_evaluate_from_the_command_line(tmp_path, NAME)
+
+
+def test_a_smolvlm_1_folder_is_refused_naming_its_model_type(tmp_path):
+    """HuggingFaceTB/SmolVLM-Instruct (the first release) is an idefics3 model, not transformers' smolvlm."""
+    from editors.vllms import load_vllm
+    from utils.errors import UserError
+
+    (tmp_path / "config.json").write_text('{"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]}')
+    with pytest.raises(UserError, match="'idefics3' model, but smolvlm-2b needs model_type 'smolvlm'"):
+        load_vllm("smolvlm", path=str(tmp_path))
+
+
+def test_liveedit_config_puts_l_e_at_the_papers_relative_depth():
+    from editors import editor_config
+
+    layers = 24  # SmolVLM2-2.2B-Instruct's SmolLM2-1.7B
+    assert editor_config("liveedit", "smolvlm-2b").edit_layer_i == round(21 / 31 * (layers - 1)) == 16
+    assert editor_config("liveedit", NAME).edit_layer_i == round(21 / 31 * 3)
