@@ -131,3 +131,36 @@ def train_then_evaluate_from_the_command_line(tmp_path, name: str) -> None:
     assert evaluate.returncode == 0 and "Traceback" not in evaluate.stderr, evaluate.stderr[-2000:]
     (results,) = glob.glob(str(tmp_path / "results" / "liveedit" / name / "TOY" / "*" / "results.json"))
     assert os.path.getsize(results) > 0
+
+
+@torch.no_grad()
+def liveedit_on_a_real_depth_folder(tmp_path, tiny_name: str, real_name: str, layers: int) -> None:
+    """LiveEdit with the real backbone's config (configs/liveedit/<real_name>.yaml: its l_e, module
+    width, prototype length) on a tiny `tiny_name` of the real depth, saved in the real layout
+    (save_pretrained of model and processor) and loaded by the real name: an edit routes and changes
+    the edited row, restore gives back the unedited logits bit for bit."""
+    from editors import load_editor
+    from editors.vllms import TinySpec, load_vllm
+    from editors.vllms.tiny_vlm import build_tiny_vlm
+    from test_liveedit import force_routing
+    from utils.records import Sample
+
+    tiny = build_tiny_vlm(tiny_name, TinySpec(num_layers=layers, hidden_size=32, vision_layers=1))
+    tiny.model.save_pretrained(str(tmp_path))
+    tiny.processor.save_pretrained(str(tmp_path))
+    vllm = load_vllm(real_name, path=str(tmp_path))
+    assert vllm.name == real_name and vllm.num_layers == layers
+    torch.manual_seed(0)  # an untrained editor: some seeds give an expert whose ReLU(U LN(h)) is all zero here
+    editor = load_editor("liveedit", vllm)
+    try:
+        assert editor.config.edit_layer_i == round(21 / 31 * (layers - 1))
+        force_routing(editor)
+        sample = Sample("what color is the shape?", "dark green", shaped_image(5, 32, 64))
+        batch = vllm.prepare([sample.prompt], [sample.image], [sample.target])
+        before = vllm(batch)
+        editor.edit([sample])
+        assert not torch.equal(vllm(batch), before)
+        editor.restore()
+        assert torch.equal(vllm(batch), before)
+    finally:
+        editor.remove()

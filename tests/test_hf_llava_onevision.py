@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_family_checks import *  # noqa: F401,F403  (the contract tests, collected here with this `vllm`)
-from hf_family_checks import shaped_image, train_then_evaluate_from_the_command_line
+from hf_family_checks import liveedit_on_a_real_depth_folder, shaped_image, train_then_evaluate_from_the_command_line
 from test_hf_vlm import hf_tiny, plain_inputs
 
 NAME = "tiny-llava-onevision"
@@ -69,3 +69,7 @@ def test_liveedit_config_puts_l_e_at_the_papers_relative_depth():
     layers = 28  # llava-onevision-qwen2-7b-ov's Qwen2-7B
     assert editor_config("liveedit", "llava-onevision-7b").edit_layer_i == round(21 / 31 * (layers - 1)) == 18
     assert editor_config("liveedit", NAME).edit_layer_i == round(21 / 31 * 3)
+
+
+def test_liveedit_with_the_real_config_on_a_real_depth_folder_loaded_by_the_real_name(tmp_path):
+    liveedit_on_a_real_depth_folder(tmp_path, NAME, "llava-onevision-7b", layers=28)
