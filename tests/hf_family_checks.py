@@ -36,7 +36,8 @@ from test_hf_vlm import (test_a_saved_folder_loads_in_the_mode_the_name_asks_for
                          test_generate_with_the_kv_cache_equals_full_forwards_under_edits,
                          test_logits_equal_plain_transformers_on_the_processors_inputs,
                          test_prototype_length_is_its_own_and_unchanged_on_the_paper_backbones,
-                         test_raw_mode_has_no_template_and_its_own_name, test_real_layout_folder_loads_with_the_logits_of_plain_transformers,
+                         test_raw_mode_has_no_template_and_its_own_name,
+                         test_real_layout_folder_loads_with_the_logits_of_plain_transformers,
                          test_rows_with_different_vision_token_counts_match_single_rows,
                          test_saved_tiny_loads_back_with_identical_logits)
 

@@ -18,7 +18,8 @@ def vllm(request):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("height, width, grid", [(32, 32, (1, 1)), (32, 64, (1, 2)), (64, 32, (2, 1)), (48, 48, (2, 2))])
+@pytest.mark.parametrize("height, width, grid",
+                         [(32, 32, (1, 1)), (32, 64, (1, 2)), (64, 32, (2, 1)), (48, 48, (2, 2))])
 def test_image_tokens_are_the_base_tile_then_the_grid_with_a_newline_vector_after_each_row(vllm, height, width, grid):
     image = shaped_image(10, height, width)
     batch = vllm.prepare(["what is it?"], [image], ["a circle"])

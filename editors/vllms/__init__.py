@@ -39,7 +39,8 @@ REAL_BACKBONES = {
     # the paper's raw prompts)
     "qwen2.5-vl-7b": (Qwen25VL, "qwen2.5-vl", "qwen2_5_vl"),
     "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
-    "llava-onevision-7b": (LlavaOneVision, "llava-onevision", "llava_onevision"),  # llava-hf/llava-onevision-qwen2-7b-ov-hf
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf
+    "llava-onevision-7b": (LlavaOneVision, "llava-onevision", "llava_onevision"),
     "smolvlm-2b": (SmolVLM, "smolvlm", "smolvlm"),  # HuggingFaceTB/SmolVLM2-2.2B-Instruct
 }
 FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
