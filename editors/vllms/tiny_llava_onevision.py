@@ -2,8 +2,8 @@
 
 SigLIP vision tower (2 layers, 32x32 tiles of 8x8 patches: 16 tokens per tile), the MLP projector,
 a Qwen2 LM (4 layers, width 64); anyres over the grids 1x1, 1x2, 2x1 and 2x2 of 32-px tiles, so an
-image becomes 36 to 88 image tokens depending on its size and aspect ratio (base tile 16, grid
-features, one newline per grid row). The tokenizer is trained on the spot with Qwen's chat tokens
+image becomes 16 to 88 image tokens depending on its size and aspect ratio (base tile 16, grid
+features, one newline per grid row; 36 for a 32x32 image). The tokenizer is trained on the spot with Qwen's chat tokens
 and `<image>` / `<video>`; the chat template has LLaVA-OneVision's format (images first in the user
 turn, then a newline and the text).
 """

@@ -2,8 +2,8 @@
 
 SmolVLM's SigLIP-style vision tower (2 layers, 32x32 tiles of 8x8 patches), the pixel-shuffle
 connector (scale factor 2: 4 tokens per tile), a Llama LM (4 layers, width 64). Images are resized
-to a longest edge of 64 px and split into tiles of 32 px (1x1 to 2x2 grids) plus the global image:
-8 to 20 image tokens with the row / column tokens between the tiles. The tokenizer is trained on the
+to a longest edge of 64 px and split into tiles of 32 px (1x2, 2x1 or 2x2 grids) plus the global image:
+12 or 20 image tokens with the row / column tokens between the tiles. The tokenizer is trained on the
 spot with SmolVLM's special tokens (`<image>`, `<fake_token_around_image>`, `<global-img>`,
 `<row_i_col_j>`, `<end_of_utterance>`); the chat template has SmolVLM's format ("User:" / "Assistant:").
 """
