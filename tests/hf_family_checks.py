@@ -135,18 +135,17 @@ def train_then_evaluate_from_the_command_line(tmp_path, name: str) -> None:
 
 
 @torch.no_grad()
-def liveedit_on_a_real_depth_folder(tmp_path, tiny_name: str, real_name: str, layers: int) -> None:
+def liveedit_on_a_real_depth_folder(tmp_path, tiny, real_name: str) -> None:
     """LiveEdit with the real backbone's config (configs/liveedit/<real_name>.yaml: its l_e, module
-    width, prototype length) on a tiny `tiny_name` of the real depth, saved in the real layout
+    width, prototype length) on `tiny`, a tiny backbone of the real depth, saved in the real layout
     (save_pretrained of model and processor) and loaded by the real name: an edit routes and changes
     the edited row, restore gives back the unedited logits bit for bit."""
     from editors import load_editor
-    from editors.vllms import TinySpec, load_vllm
-    from editors.vllms.tiny_vlm import build_tiny_vlm
+    from editors.vllms import load_vllm
     from test_liveedit import force_routing
     from utils.records import Sample
 
-    tiny = build_tiny_vlm(tiny_name, TinySpec(num_layers=layers, hidden_size=32, vision_layers=1))
+    layers = tiny.num_layers
     tiny.model.save_pretrained(str(tmp_path))
     tiny.processor.save_pretrained(str(tmp_path))
     vllm = load_vllm(real_name, path=str(tmp_path))

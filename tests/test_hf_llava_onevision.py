@@ -73,4 +73,8 @@ def test_liveedit_config_puts_l_e_at_the_papers_relative_depth():
 
 
 def test_liveedit_with_the_real_config_on_a_real_depth_folder_loaded_by_the_real_name(tmp_path):
-    liveedit_on_a_real_depth_folder(tmp_path, NAME, "llava-onevision-7b", layers=28)
+    from editors.vllms import TinySpec
+    from editors.vllms.tiny_vlm import build_tiny_vlm
+
+    real_depth = build_tiny_vlm(NAME, TinySpec(num_layers=28, hidden_size=32, vision_layers=1))  # Qwen2-7B's depth
+    liveedit_on_a_real_depth_folder(tmp_path, real_depth, "llava-onevision-7b")

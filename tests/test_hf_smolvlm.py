@@ -7,7 +7,9 @@ import torch
 
 from hf_family_checks import *  # noqa: F401,F403  (the contract tests, collected here with this `vllm`)
 from hf_family_checks import liveedit_on_a_real_depth_folder, shaped_image, train_then_evaluate_from_the_command_line
-from test_hf_vlm import hf_tiny
+from editors.vllms import TinySpec, load_vllm
+from editors.vllms.tiny_smolvlm import build
+from test_hf_vlm import hf_tiny, plain_inputs
 
 NAME = "tiny-smolvlm"
 
@@ -44,6 +46,7 @@ def test_names_of_smolvlm():
     from editors.vllms import TINY_NAMES, canonical_name
 
     assert canonical_name("SmolVLM") == "smolvlm-2b" and canonical_name("smolvlm:raw") == "smolvlm-2b:raw"
+    assert canonical_name("SmolVLM2") == "smolvlm2-2b" and canonical_name("smolvlm2-2b:raw") == "smolvlm2-2b:raw"
     assert NAME in TINY_NAMES and NAME + ":raw" in TINY_NAMES
 
 
@@ -59,23 +62,46 @@ def test_train_then_evaluate_liveedit_on_tiny_smolvlm_from_the_command_line(tmp_
     train_then_evaluate_from_the_command_line(tmp_path, NAME)
 
 
-def test_a_smolvlm_1_folder_is_refused_naming_its_model_type(tmp_path):
-    """HuggingFaceTB/SmolVLM-Instruct (the first release) is an idefics3 model, not transformers' smolvlm."""
-    from editors.vllms import load_vllm
+@pytest.mark.parametrize("found, name, needed", [("idefics3", "smolvlm2", "smolvlm2-2b needs model_type 'smolvlm'"),
+                                                  ("smolvlm", "smolvlm", "smolvlm-2b needs model_type 'idefics3'")])
+def test_a_folder_of_the_other_release_is_refused_naming_both_model_types(tmp_path, found, name, needed):
+    """SmolVLM-Instruct (the first release) is an idefics3 model, SmolVLM2 transformers' smolvlm."""
     from utils.errors import UserError
 
-    (tmp_path / "config.json").write_text('{"model_type": "idefics3"}')
-    with pytest.raises(UserError, match="'idefics3' model, but smolvlm-2b needs model_type 'smolvlm'"):
-        load_vllm("smolvlm", path=str(tmp_path))
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{found}"}}')
+    with pytest.raises(UserError, match=f"'{found}' model, but {needed}"):
+        load_vllm(name, path=str(tmp_path))
 
 
 def test_liveedit_config_puts_l_e_at_the_papers_relative_depth():
     from editors import editor_config
 
-    layers = 24  # SmolVLM2-2.2B-Instruct's SmolLM2-1.7B
-    assert editor_config("liveedit", "smolvlm-2b").edit_layer_i == round(21 / 31 * (layers - 1)) == 16
+    layers = 24  # SmolLM2-1.7B, the LM of both releases
+    for real in ("smolvlm-2b", "smolvlm2-2b"):
+        assert editor_config("liveedit", real).edit_layer_i == round(21 / 31 * (layers - 1)) == 16
     assert editor_config("liveedit", NAME).edit_layer_i == round(21 / 31 * 3)
 
 
-def test_liveedit_with_the_real_config_on_a_real_depth_folder_loaded_by_the_real_name(tmp_path):
-    liveedit_on_a_real_depth_folder(tmp_path, NAME, "smolvlm-2b", layers=24)
+@pytest.mark.parametrize("real_name", ["smolvlm2-2b", "smolvlm-2b"])
+def test_liveedit_with_the_real_config_on_a_real_depth_folder_loaded_by_the_real_name(tmp_path, real_name):
+    spec = TinySpec(num_layers=24, hidden_size=32, vision_layers=1)  # SmolLM2-1.7B's depth
+    liveedit_on_a_real_depth_folder(tmp_path, build(spec, "chat", first_release=real_name == "smolvlm-2b"), real_name)
+
+
+@torch.no_grad()
+def test_the_first_release_in_idefics3_classes_loads_as_smolvlm_with_the_logits_of_plain_transformers(tmp_path):
+    """SmolVLM-Instruct (HuggingFaceTB, model_type idefics3): the same layout in Idefics3's classes."""
+    first = build(TinySpec(), "chat", first_release=True)
+    first.model.save_pretrained(str(tmp_path))
+    first.processor.save_pretrained(str(tmp_path))
+    loaded = load_vllm("smolvlm", path=str(tmp_path))
+    assert loaded.name == "smolvlm-2b" and loaded.model_type == "idefics3"
+    plain = type(first.model).from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    prompts, targets = ["what color?", "how many?", "a text-only row"], ["red", "two", "x"]
+    images = [shaped_image(1, 64, 64), shaped_image(2, 32, 64), None]  # 5 tiles, 3 tiles, none
+    logits = loaded(loaded.prepare(prompts, images, targets))
+    for row in range(3):
+        single = loaded.prepare([prompts[row]], [images[row]], [targets[row]])
+        theirs = plain(**plain_inputs(loaded, prompts[row], targets[row], images[row])).logits
+        torch.testing.assert_close(loaded(single), theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(single)[0], logits[row, :single.length], atol=1e-5, rtol=1e-5)

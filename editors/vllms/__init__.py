@@ -22,7 +22,7 @@ from .minigpt4 import MiniGPT4
 from .paths import resolve_model_path
 from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
 from .hf_llava_onevision import LlavaOneVision
-from .hf_smolvlm import SmolVLM
+from .hf_smolvlm import SmolVLM, SmolVLMIdefics3
 from .placement import check_module_names, dispatch
 from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
 from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
@@ -41,11 +41,12 @@ REAL_BACKBONES = {
     "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
     # llava-hf/llava-onevision-qwen2-7b-ov-hf
     "llava-onevision-7b": (LlavaOneVision, "llava-onevision", "llava_onevision"),
-    "smolvlm-2b": (SmolVLM, "smolvlm", "smolvlm"),  # HuggingFaceTB/SmolVLM2-2.2B-Instruct
+    "smolvlm-2b": (SmolVLMIdefics3, "smolvlm", "idefics3"),  # HuggingFaceTB/SmolVLM-Instruct (Idefics3 classes)
+    "smolvlm2-2b": (SmolVLM, "smolvlm2", "smolvlm"),  # HuggingFaceTB/SmolVLM2-2.2B-Instruct
 }
 FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
                   "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b",
-                  "tiny-llava-onevision": "llava-onevision-7b", "tiny-smolvlm": "smolvlm-2b"}
+                  "tiny-llava-onevision": "llava-onevision-7b", "tiny-smolvlm": "smolvlm2-2b"}
 MARKER_FILE = "liveedit_backbone.json"
 
 

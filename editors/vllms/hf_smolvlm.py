@@ -1,4 +1,5 @@
-"""SmolVLM (transformers' `smolvlm`, SmolVLM2) through the processor-driven adapter (`hf_vlm.py`).
+"""SmolVLM through the processor-driven adapter (`hf_vlm.py`): SmolVLM2 (transformers' `smolvlm` classes)
+and the first release, SmolVLM-Instruct (an `idefics3` model: the same layout in Idefics3's classes).
 
 SigLIP vision tower on fixed-size tiles, a pixel-shuffle connector (scale_factor^2 patches -> one
 token, then a linear projection), a Llama LM (SmolLM2). The processor resizes an image so its
@@ -49,8 +50,8 @@ class SmolVLM(HFVLM):
 
     hf_class, processor_class = _classes()
     model_type = "smolvlm"
-    family = "smolvlm"
-    default_name = "smolvlm-2b"
+    family = "smolvlm2"
+    default_name = "smolvlm2-2b"
     image_text = "<image>"  # the processor expands it into the tiles and the global image
     allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
@@ -74,3 +75,19 @@ class SmolVLM(HFVLM):
         if not extras:
             return [], None
         return self.encode_images(join_tiles(extras, self._feature_args))
+
+
+def _idefics3_classes():
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+
+    return Idefics3ForConditionalGeneration, Idefics3Processor  # images and text only already
+
+
+class SmolVLMIdefics3(SmolVLM):
+    """SmolVLM-Instruct, the first release: SmolVLM2's layout and parts in transformers' Idefics3 classes
+    (its config.json says model_type "idefics3")."""
+
+    hf_class, processor_class = _idefics3_classes()
+    model_type = "idefics3"
+    family = "smolvlm"
+    default_name = "smolvlm-2b"
