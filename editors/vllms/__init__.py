@@ -23,6 +23,8 @@ from .paths import resolve_model_path
 from .hf_vlm import RAW_SUFFIX, HFVLM, Qwen3VL, Qwen25VL
 from .hf_gemma3 import Gemma3
 from .hf_internvl import InternVL
+from .hf_llava_onevision import LlavaOneVision
+from .hf_smolvlm import SmolVLM, SmolVLMIdefics3
 from .placement import check_module_names, dispatch
 from .tiny import TINY_NAMES as _TINY_PAPER, TinySpec, build_tiny
 from .tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
@@ -41,10 +43,15 @@ REAL_BACKBONES = {
     "qwen3-vl-8b": (Qwen3VL, "qwen3-vl", "qwen3_vl"),  # Qwen/Qwen3-VL-8B-Instruct
     "internvl3-8b": (InternVL, "internvl", "internvl"),  # OpenGVLab/InternVL3-8B-hf (hf_internvl.py)
     "gemma3-4b": (Gemma3, "gemma3", "gemma3"),  # google/gemma-3-4b-it (hf_gemma3.py)
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf
+    "llava-onevision-7b": (LlavaOneVision, "llava-onevision", "llava_onevision"),
+    "smolvlm-2b": (SmolVLMIdefics3, "smolvlm", "idefics3"),  # HuggingFaceTB/SmolVLM-Instruct (Idefics3 classes)
+    "smolvlm2-2b": (SmolVLM, "smolvlm2", "smolvlm"),  # HuggingFaceTB/SmolVLM2-2.2B-Instruct
 }
 FAMILY_OF_TINY = {"tiny-blip2": "blip2-opt-2.7b", "tiny-llava": "llava-v1.5-7b", "tiny-minigpt4": "minigpt-4-vicuna-7b",
                   "tiny-qwen2.5-vl": "qwen2.5-vl-7b", "tiny-qwen3-vl": "qwen3-vl-8b",
-                  "tiny-internvl": "internvl3-8b", "tiny-gemma3": "gemma3-4b"}
+                  "tiny-internvl": "internvl3-8b", "tiny-gemma3": "gemma3-4b",
+                  "tiny-llava-onevision": "llava-onevision-7b", "tiny-smolvlm": "smolvlm2-2b"}
 MARKER_FILE = "liveedit_backbone.json"
 
 

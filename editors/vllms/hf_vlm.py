@@ -43,22 +43,14 @@ RAW_SUFFIX = ":raw"  # a backbone name ending in it builds prompts without the c
 
 def image_only(processor_cls: type) -> type:
     """`processor_cls` without its video processor (transformers' video processors need
-    torchvision, which the project never needs): same calls, same files, images and text only."""
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    torchvision, which the project never needs): same calls, same files, images and text only.
+    The class's own __init__ stays, so its settings (LLaVA-OneVision's num_image_tokens...) are saved
+    and read back by save_pretrained / from_pretrained; only the video processor is no attribute."""
+    def get_attributes(cls):
+        return [a for a in processor_cls.get_attributes.__func__(cls) if a != "video_processor"]
 
-    # transformers saves the settings named in __init__'s signature and reads back those its code names
-    # (InternVL's image_seq_length): the parent's, less the video processor
-    sig = inspect.signature(processor_cls.__init__)
-    params = [p for p in sig.parameters.values() if p.name != "video_processor"]
-    __init__.__signature__ = sig.replace(parameters=params)
-    own = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY]
-
-    def validate_init_kwargs(processor_config, valid_kwargs):
-        return processor_cls.validate_init_kwargs(processor_config, [*valid_kwargs, *own])
-
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__,
-                                                           "validate_init_kwargs": staticmethod(validate_init_kwargs)})
+    return type(processor_cls.__name__, (processor_cls,), {"get_attributes": classmethod(get_attributes),
+                                                           "__module__": __name__})
 
 
 class HFVLM(VLLM):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from . import tiny_llava_onevision, tiny_smolvlm  # families whose tiny versions have their own files
 from .tiny import _MEAN, _STD, TinySpec
 from .tokenizer import train_tokenizer
 
 TINY_VLM_NAMES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl",
-                  "tiny-internvl", "tiny-gemma3")  # tiny_internvl.py, tiny_gemma3.py
+                  "tiny-internvl", "tiny-gemma3",  # tiny_internvl.py, tiny_gemma3.py
+                  "tiny-llava-onevision", "tiny-smolvlm")
 
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                  "<|video_pad|>"]
@@ -105,7 +107,8 @@ def build_tiny_vlm(name: str, spec: TinySpec | None = None, device="cpu", prompt
     from . import tiny_gemma3, tiny_internvl
 
     builders = {"tiny-qwen2.5-vl": _qwen25_vl, "tiny-qwen3-vl": _qwen3_vl,
-                "tiny-internvl": tiny_internvl.build, "tiny-gemma3": tiny_gemma3.build}
+                "tiny-internvl": tiny_internvl.build, "tiny-gemma3": tiny_gemma3.build,
+                "tiny-llava-onevision": tiny_llava_onevision.build, "tiny-smolvlm": tiny_smolvlm.build}
     if name not in builders:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {TINY_VLM_NAMES}")
     with torch.random.fork_rng(devices=[]):
