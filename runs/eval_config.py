@@ -25,9 +25,10 @@ class EvalConfig:
                                  "none (any case); its canonical name is the result folder name (Python API "
                                  "default: editor.name)")
     model_name: str = flag("-mn", "--edit_model_name", default="", required=True,
-                           help="backbone: blip2 / llava / minigpt4 / qwen2.5-vl / qwen3-vl (or full names; "
-                                "':raw' after a qwen name: no chat template), or tiny-blip2 / tiny-llava / "
-                                "tiny-minigpt4 / tiny-qwen2.5-vl / tiny-qwen3-vl; the result folder uses the full name")
+                           help="backbone: blip2 / llava / minigpt4 / qwen2.5-vl / qwen3-vl / internvl / gemma3 / "
+                                "llava-onevision / smolvlm / smolvlm2 (or full names; ':raw' after a processor-driven "
+                                "one's name: no chat template), or its tiny-<family> version (README's backbone "
+                                "table); the result folder uses the full name")
     data_name: str = flag("-dn", "--data_name", default="TOY", required=True,
                           help="EVQA, EIC, VLKEB, VLKEB-ONEHOP or TOY (any case)")
     eval_name_postfix: str = flag("-enp", "--eval_name_postfix", default="",

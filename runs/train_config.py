@@ -20,9 +20,11 @@ class TrainRunConfig:
     editor_name: str = flag("-en", "--editor_name", group=WHAT,
                             help="editor to train: liveedit or mend_vl (case-insensitive)")
     model_name: str = flag("-mn", "--edit_model_name", group=WHAT,
-                           help="backbone: blip2, llava, minigpt4, qwen2.5-vl, qwen3-vl, a full name (blip2-opt-2.7b, ...) or "
-                                "tiny-blip2 / tiny-llava / tiny-minigpt4 / tiny-qwen2.5-vl / tiny-qwen3-vl (small random "
-                                "models for tests and the demo)")
+                           help="backbone: blip2, llava, minigpt4, qwen2.5-vl, qwen3-vl, internvl, gemma3, llava-onevision, "
+                                "smolvlm, smolvlm2, a full name (blip2-opt-2.7b, ...) or tiny-<family> (tiny-blip2, "
+                                "tiny-llava, tiny-minigpt4, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-internvl, tiny-gemma3, "
+                                "tiny-llava-onevision, tiny-smolvlm: small random models for tests and the demo); "
+                                "README's backbone table")
     data_name: str = flag("-dna", "--data_name", group=WHAT,
                           help="training data: EVQA, EIC, VLKEB or TOY (the generated toy world, made on first use)")
     batch_size: int = flag("-bs", "--batch_size", group=WHAT,

@@ -20,7 +20,7 @@ from utils.io import read_json, write_json_atomic
 from runs.tables.plan import Job
 
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "TQDM_DISABLE": "1"}  # the logs keep the messages, not the bars
+             "TQDM_DISABLE": "1"}  # bars that do not set `disable` themselves stay out of the logs
 
 
 def _command(job: Job) -> list[str]:
