@@ -212,3 +212,34 @@ def test_a_resumed_run_reads_the_stored_references(tmp_path):
     run_training(TrainRunConfig(max_steps=3, resume_from=half.final_checkpoint, **common), echo=said.append)
     assert os.stat(stored).st_mtime_ns == stamp
     assert any("LTE locality references: reading" in line for line in said)
+
+
+def test_cli_resume_with_references_of_another_backbone_is_one_error_line(tmp_path):
+    """The stored references name another backbone (as after a resume with other --model_path weights):
+    train_vllm_editor.py exits 2 with one `error:` line naming the folder, no traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from runs.training import TrainRunConfig, run_training
+    from toyworld.world import generate_toyworld
+
+    generate_toyworld(tmp_path / "data" / "toyworld", n_train=8, n_eval=4, n_pretrain_scenes=2)
+    first = run_training(TrainRunConfig(editor_name=NAME, model_name="tiny-blip2", data_name="TOY", batch_size=4,
+                                        seed=3, max_steps=1, data_dir=str(tmp_path / "data"),
+                                        records_dir=str(tmp_path / "runs")), echo=None)
+    manifest = os.path.join(first.run_dir, FOLDER, MANIFEST)
+    with open(manifest) as f:
+        content = json.load(f)
+    content["backbone"]["weights_digest"] = "0" * 16
+    with open(manifest, "w") as f:
+        json.dump(content, f)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_vllm_editor.py"), "-en", NAME, "-mn", "tiny-blip2",
+                           "-dna", "TOY", "-bs", "4", "-rs", "3", "--max_steps", "2", "--data_dir", str(tmp_path / "data"),
+                           "-lkpt", first.final_checkpoint], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and FOLDER in errors[0] and "another backbone" in errors[0], proc.stderr
