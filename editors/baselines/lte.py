@@ -11,10 +11,11 @@ are dropped. Batched editing: yes (a chunk adds its rows to the memory; each is 
 Training fine-tunes the whole LLM (`trainable_modules` = the decoder stack: embeddings, layers,
 final norm, LM head), so a checkpoint holds the LLM weights; loading it puts them into the
 backbone. The locality references (the ORIGINAL LLM's outputs) are computed once per run, before
-any step, into the run folder (`lte_reference.py`): no second copy of the LLM is kept. The model under evaluation is that fine-tuned LLM: `restore()` empties the memory,
-which gives back exactly the fine-tuned LLM with no prefix — the paper's "before editing" model
-that locality is measured against. It does not bring back the original backbone's weights
-(`remove()` neither): that model is not LTE's.
+any step, into the run folder (`lte_reference.py`): no second copy of the LLM is kept. The model
+under evaluation is that fine-tuned LLM: `restore()` empties the memory, which gives back exactly
+the fine-tuned LLM with no prefix — the paper's "before editing" model that locality is measured
+against. It does not bring back the original backbone's weights (`remove()` neither): that model
+is not LTE's.
 """
 from __future__ import annotations
 
