@@ -155,7 +155,8 @@ def open_reference(vllm, records: list[EditRecord], folder: str, fingerprint: st
     manifest = read_json(path, hint=redo, kind=dict)
     try:
         fmt, backbone, data = manifest["format"], manifest["backbone"], manifest["data_fingerprint"]
-        dtype, vocab, entries = _dtype_of(manifest["dtype"]), int(manifest["vocab"]), manifest["entries"]
+        dtype, vocab, num_rows = _dtype_of(manifest["dtype"]), int(manifest["vocab"]), int(manifest["num_rows"])
+        entries = [(int(o), int(n)) for o, n in manifest["entries"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path} is corrupt (bad or missing {exc}); {redo}") from None
     if fmt != FORMAT:
@@ -174,12 +175,13 @@ def open_reference(vllm, records: list[EditRecord], folder: str, fingerprint: st
         raise UserError(f"{path} holds {len(entries)} locality samples, the data has {len(samples)}; {redo}")
     size = torch.empty(0, dtype=dtype).element_size()
     logits_path = os.path.join(folder, LOGITS)
-    expected = int(manifest.get("num_rows", -1)) * vocab * size
+    expected = num_rows * vocab * size
     actual = os.path.getsize(logits_path) if os.path.isfile(logits_path) else None
     if actual != expected:
         raise UserError(f"{logits_path} is missing or truncated ({actual} bytes, expected {expected}); {redo}")
-    rows = np.memmap(logits_path, dtype=_NUMPY_INT[size], mode="r", shape=(int(manifest["num_rows"]), vocab))
-    index = {sample_key(s): (int(o), int(n)) for s, (o, n) in zip(samples, entries)}
+    rows = (np.memmap(logits_path, dtype=_NUMPY_INT[size], mode="r", shape=(num_rows, vocab)) if num_rows
+            else np.zeros((0, vocab), dtype=_NUMPY_INT[size]))  # no locality samples: nothing to map
+    index = dict(zip(map(sample_key, samples), entries))
     return LocalityReference(folder, manifest, rows, dtype, index)
 
 
