@@ -99,6 +99,13 @@ class TrainableEditor(Editor):
         """(optimizer, lr scheduler or None) over `trainable_modules()`; the scheduler steps once per step."""
         raise NotImplementedError
 
+    def prepare_training(self, records: list[EditRecord], run_dir: str, fingerprint: str, say=None) -> None:
+        """Called once by the trainer before `Trainer` is built, so before a resumed run loads its
+        checkpoint: the backbone holds its original weights. An editor that needs something of the
+        original model for the whole split computes it here, keeps it under `run_dir` (the run folder)
+        for a resume to read, keyed by the data `fingerprint`; `say` prints a line (or is None).
+        Default: nothing."""
+
     def training_batch(self, records: list[EditRecord], rng: np.random.Generator) -> Any:
         """Everything a step needs that does not depend on trainable parameters (no grad)."""
         raise NotImplementedError

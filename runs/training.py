@@ -774,9 +774,10 @@ def _run_training(cfg: TrainRunConfig, echo, group: distributed.Group, device: s
     seed_everything(seed)
     set_aux_flag_paths(cfg.aux_model_paths)  # where the editor's auxiliary models are (if it has any)
     editor = _build_editor(cls, cfg, vllm, resume)
-    trainer = Trainer(cfg, seed, editor, records, resume, fingerprint, group)
     run_dir = resume.run_dir if resume else distributed.on_main(
         group, lambda: make_run_dir(cfg.records_dir, editor.name, vllm.name, cfg.name_prefix), "creating the run folder")
+    editor.prepare_training(records, run_dir, fingerprint, echo)  # before Trainer loads a checkpoint's weights
+    trainer = Trainer(cfg, seed, editor, records, resume, fingerprint, group)
     data_info = {"num_records": len(records), "steps_per_epoch": trainer.per_epoch, "total_steps": trainer.total}
     if group.distributed:
         data_info["world_size"] = group.world

@@ -125,11 +125,17 @@ def check_save_load(name: str, tmp_path, **overrides) -> None:
 def train_losses(name: str, records, steps: int, batch_size: int = 4, vllm=None, **overrides) -> list[float]:
     """Losses of `steps` steps on `records` (cycled), the editor's own optimiser (on the shared
     tiny-blip2 unless `vllm` is given: an editor that trains the LLM needs its own)."""
+    import tempfile
+
+    from utils.records import data_fingerprint
+
     vllm = vllm or tiny_vllm("tiny-blip2")
     torch.manual_seed(0)
     editor = build(name, vllm=vllm, **overrides)
     losses = []
+    run_dir = tempfile.TemporaryDirectory(prefix="train-losses-")
     try:
+        editor.prepare_training(records, run_dir.name, data_fingerprint(records))  # as the trainer does
         editor.set_train(True)
         optimizer, _ = editor.make_optimizer()
         for step in range(steps):
@@ -143,6 +149,7 @@ def train_losses(name: str, records, steps: int, batch_size: int = 4, vllm=None,
     finally:
         editor.set_train(False)
         editor.remove()
+        run_dir.cleanup()
     return losses
 
 

@@ -10,10 +10,12 @@ are dropped. Batched editing: yes (a chunk adds its rows to the memory; each is 
 
 Training fine-tunes the whole LLM (`trainable_modules` = the decoder stack: embeddings, layers,
 final norm, LM head), so a checkpoint holds the LLM weights; loading it puts them into the
-backbone. The model under evaluation is that fine-tuned LLM: `restore()` empties the memory,
-which gives back exactly the fine-tuned LLM with no prefix — the paper's "before editing" model
-that locality is measured against. It does not bring back the original backbone's weights
-(`remove()` neither): that model is not LTE's.
+backbone. The locality references (the ORIGINAL LLM's outputs) are computed once per run, before
+any step, into the run folder (`lte_reference.py`): no second copy of the LLM is kept. The model
+under evaluation is that fine-tuned LLM: `restore()` empties the memory, which gives back exactly
+the fine-tuned LLM with no prefix — the paper's "before editing" model that locality is measured
+against. It does not bring back the original backbone's weights (`remove()` neither): that model
+is not LTE's.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ class LTE(TrainableEditor):
         self.keys = torch.zeros(0, self.retriever.width, device=vllm.device)  # [m, w] unit vectors
         self.prefix_embeds: list[torch.Tensor] = []                            # per edit [p, D]
         self.requests: list[Sample] = []
-        self.reference = None  # frozen copy of the original LLM, made for training only (pre logits)
+        self.reference = None  # the run's stored locality references (lte_reference.py), training only
         self.is_training = False
         self._prefix = vllm.add_input_prefix(self._prefixes)
 
@@ -96,7 +98,7 @@ class LTE(TrainableEditor):
 
     def set_train(self, mode: bool) -> None:
         """The LLM gets gradients while training; it stays in eval mode (no dropout), like the frozen
-        features of the other editors; a frozen copy of it gives the locality references."""
+        features of the other editors."""
         self.vllm.stack.requires_grad_(mode)
         self.vllm.stack.eval()
         self.is_training = mode
@@ -155,14 +157,16 @@ class LTE(TrainableEditor):
         return [None if j is None else self.prefix_embeds[j] for j in self.retrieve(prompts)]
 
     # ---- training (see lte_training.py) -------------------------------------------------------------
-    def make_optimizer(self):
-        """Adam over the LLM; also keeps a frozen copy of the LLM as it is now (the original backbone:
-        the trainer asks for the optimiser before it loads a checkpoint to resume from), whose
-        predictions are the locality references (the authors' second model copy)."""
-        from .lte_training import frozen_copy
+    def prepare_training(self, records: list[EditRecord], run_dir: str, fingerprint: str, say=None) -> None:
+        """The locality references of `records` (the original LLM's outputs on their locality samples):
+        computed now into `run_dir` (the backbone still holds its original weights: the trainer calls
+        this before it loads a checkpoint), or read from there when a resumed run made them already."""
+        from .lte_reference import prepare
 
-        if self.reference is None:
-            self.reference = frozen_copy(self.vllm.stack)
+        self.reference = prepare(self.vllm, records, run_dir, fingerprint, say)
+
+    def make_optimizer(self):
+        """Adam over the LLM."""
         return torch.optim.Adam(self.vllm.stack.parameters(), lr=self.config.lr), None
 
     def training_batch(self, records: list[EditRecord], rng: np.random.Generator):

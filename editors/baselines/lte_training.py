@@ -7,13 +7,13 @@ text_loc included). Losses (the authors'):
   loc       mean of KL(pre || no prefix) and KL(pre || with the prefix), pre = the ORIGINAL LLM
 The LLM changes every step, so `prepare_batch` (prefetch thread) keeps only what does not depend on
 it: token ids, spans, labels, image features (the vision encoder and bridge are not trained) and
-the locality references from the frozen copy of the original LLM. `train_step` embeds the text
+the locality references, read from the run's stored outputs of the original LLM (`lte_reference.py`,
+computed once before the first step; no second LLM copy). `train_step` embeds the text
 positions with the current LLM's embeddings (so the embedding matrix trains too). The authors use
 batch size 1; larger batches are the same losses averaged over independent rows.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -31,15 +31,6 @@ class LTEBatch:
     pre: dict       # (loc, type) -> [n, V] log-probabilities of the original LLM
 
 
-def frozen_copy(stack):
-    """A frozen, hook-free copy of the decoder stack (the original LLM's weights at this moment)."""
-    ref = copy.deepcopy(stack)
-    for module in ref.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-    return ref.eval().requires_grad_(False)
-
-
 def reembed(stack, batch):
     """`batch` with its text positions embedded by `stack` (image positions and padding kept)."""
     ids = batch.token_ids  # [b, l], -1 on image positions and padding
@@ -50,8 +41,9 @@ def reembed(stack, batch):
 @torch.no_grad()
 def prepare_batch(editor, records, rng: np.random.Generator) -> LTEBatch:
     if editor.reference is None:
-        raise RuntimeError("LTE training needs make_optimizer() first (it keeps the original LLM's copy)")
-    vllm, ref = editor.vllm, editor.reference
+        raise RuntimeError("LTE training needs prepare_training() first (it computes or reads the locality "
+                           "references of the original LLM)")
+    vllm = editor.vllm
     samples = draw_samples(records, rng)
     groups, pre = {}, {}
     with vllm.unedited():
@@ -61,9 +53,7 @@ def prepare_batch(editor, records, rng: np.random.Generator) -> LTEBatch:
         prefixes = vllm.prepare([editor.prefix_text(r) for r in edits], [r.image for r in edits], None)
     for key, batch in groups.items():
         if key[0] == LOC:
-            b = reembed(ref, batch)
-            hidden, _ = ref.hidden(b.inputs_embeds, b.attention_mask, b.position_ids)
-            pre[key] = ref.lm_head(hidden[b.label_mask]).float().log_softmax(-1)  # [n, V]
+            pre[key] = editor.reference.log_probs(samples[key], batch.label_mask, vllm.device)  # [n, V]
     return LTEBatch(groups, prefixes, pre)
 
 
