@@ -19,8 +19,8 @@ Losses (all weights 1 by default):
 Under torchrun (`utils/distributed.py`) every rank draws the random choices of the whole global
 batch from the step's rng and computes only its `Shard` of rows; the experts of all C = B edits and
 the edit-side routing features (the in-batch negatives) are gathered from the other ranks with
-gradients, all in one all_gather (`Shard.gather_rows`), and each mean over the batch becomes this rank's share of it. In one process the shard
-is the whole batch and the arithmetic is unchanged.
+gradients, all in one all_gather (`Shard.gather_rows`), and each mean over the batch becomes this
+rank's share of it. In one process the shard is the whole batch and the arithmetic is unchanged.
 """
 from __future__ import annotations
 
