@@ -345,3 +345,15 @@ def test_a_sharded_step_makes_three_collectives_and_they_sum_everything(world, t
         assert r["lazy_loss"] == 3.0 and r["no_signal"] == 0
         assert r["train_steps"] == [{"all_gather": 1, "all_reduce": 2}] * 2
     assert results[0]["train_total"] == results[1]["train_total"]
+
+
+def test_step_profiler_of_the_benchmark_times_every_phase(world, tmp_path):
+    """bench/profile_distributed_step.py (bench_distributed.py --split) still finds the phases it times."""
+    args = train_args(world, "records_prof", 4)
+    args[args.index("--records_dir") + 1] = str(tmp_path / "records")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_distributed_step.py"), *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"what": "train_step_split"')]
+    assert line["world"] == 1 and line["steps_timed"] == 2 and line["step_cpu_ms"] > 0
+    assert {"data preparation", "editor forward+backward", "gradient sum", "optimizer"} <= set(line["cpu_ms"])
