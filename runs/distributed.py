@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from utils.devices import parse_device_map
-from utils.distributed import process_group_active
+from utils.distributed import StepTotals, process_group_active
 from utils.errors import UserError
 
 ENV_TIMEOUT = "LIVEEDIT_DIST_TIMEOUT"
@@ -203,16 +203,6 @@ def barrier(group: Group, what: str) -> None:
             dist.barrier()
 
 
-def agreed_stop(group: Group, requested: list[int], device: torch.device) -> int:
-    """0 when no rank was asked to stop, else the signal (SIGTERM wins over SIGINT) every rank then stops with."""
-    if not group.distributed:
-        return max(requested, default=0)
-    flag = torch.tensor([max((int(s) for s in requested), default=0)], device=device)
-    with collective(group, "agreeing whether to stop"):
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
 def interrupt_for(signum: int) -> KeyboardInterrupt:
     """The exception a rank raises when the ranks agreed to stop on `signum`."""
     from runs.signals import Terminated
@@ -220,23 +210,54 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def sum_gradients(group: Group, params: list[torch.nn.Parameter], step: int) -> None:
-    """Replace each gradient by its sum over ranks (one all-reduce per dtype and device).
+def _stop_votes(requested: list[int], device: torch.device) -> torch.Tensor:
+    """This rank's stop requests as [SIGINT asked, SIGTERM asked] (0 / 1 each), summed over ranks with the gradients."""
+    asked = {int(s) for s in requested}
+    return torch.tensor([float(signal.SIGINT in asked), float(signal.SIGTERM in asked)], device=device)  # [2] float32
 
-    Every rank runs the same graph, so the same parameters have gradients on every rank.
+
+def _agreed_signal(votes: torch.Tensor) -> int:
+    """[SIGINT votes, SIGTERM votes] summed over ranks -> the signal every rank stops with (0: none)."""
+    sigint, sigterm = votes.tolist()
+    return int(signal.SIGTERM) if sigterm > 0 else int(signal.SIGINT) if sigint > 0 else 0
+
+
+def sum_gradients(group: Group, params: list[torch.nn.Parameter], step: int, logs: object = None,
+                  requested: list[int] | None = None) -> int:
+    """Replace each gradient by its sum over ranks: one all-reduce per gradient dtype and device (one in practice).
+
+    The float32 all-reduce also carries the ranks' stop requests (`requested`: the signals this rank
+    noted) and, when `logs` is a `StepTotals`, the step's logged shares (their sums are set on it): no
+    collective of their own. Returns the signal every rank agreed to stop with after this step (0:
+    none; SIGTERM wins over SIGINT). Every rank runs the same graph, so the same parameters have
+    gradients on every rank. One process: nothing to do, returns 0.
     """
     if not group.distributed:
-        return
+        return 0
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
             buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    scalars_key = next((key for key in buckets if key[0] == torch.float32), None)
+    if scalars_key is None:  # no float32 gradient: the scalars travel alone
+        scalars_key = (torch.float32, next(iter(buckets))[1] if buckets else torch.device("cpu"))
+        buckets[scalars_key] = []
+    shares = logs.pending() if isinstance(logs, StepTotals) and not logs.summed else None
+    scalars = [_stop_votes(requested or [], scalars_key[1])] + ([shares.to(scalars_key[1])] if shares is not None else [])
+    signum = 0
     with collective(group, f"summing the gradients of step {step}"):
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+        for key, grads in buckets.items():  # insertion order: the same on every rank
+            tail = scalars if key == scalars_key else []
+            flat = torch.cat([g.reshape(-1) for g in grads] + tail)  # [sum of numels (+ 2 votes + k shares)]
             dist.all_reduce(flat)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            parts = flat.split([g.numel() for g in grads] + [t.numel() for t in tail])
+            for g, part in zip(grads, parts):
                 g.copy_(part.view_as(g))
+            if tail:
+                signum = _agreed_signal(parts[len(grads)])
+                if shares is not None:
+                    logs.set_sums(parts[len(grads) + 1])  # type: ignore[union-attr]
+    return signum
 
 
 def broadcast_parameters(group: Group, params: list[torch.nn.Parameter]) -> None:
@@ -249,5 +270,5 @@ def broadcast_parameters(group: Group, params: list[torch.nn.Parameter]) -> None
 
 
 __all__ = ["Group", "PeerFailure", "setup", "shutdown", "collective", "broadcast", "on_main", "barrier",
-           "agreed_stop", "interrupt_for", "sum_gradients", "broadcast_parameters", "timeout_seconds",
+           "interrupt_for", "sum_gradients", "broadcast_parameters", "timeout_seconds",
            "rank_prefix", "launched_world_size", "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S"]

@@ -33,8 +33,9 @@ Under torchrun (`runs/distributed.py`, docs/DISTRIBUTED.md) every rank runs this
 same global batches: the editor computes its rank's rows of each batch (`supports_sharded_training`),
 the gradients are summed over ranks before the update, and the logged loss is the global one, so N
 ranks at -bs B compute the steps of one process at -bs B. Rank 0 alone writes the run folder,
-config.yaml, checkpoints and TensorBoard. A Ctrl-C / SIGTERM on any rank is noted and, after the
-step, all ranks agree to stop (rank 0 saves).
+config.yaml, checkpoints and TensorBoard. A Ctrl-C / SIGTERM on any rank is noted; the ranks learn of
+it in the all-reduce that sums the gradients (the step's one collective besides the editor's gathers)
+and all stop after that step (rank 0 saves).
 
 Editors' contract with this trainer: `training_batch(records, rng)` runs in the prefetch thread
 under `torch.no_grad`, concurrently with `train_step` of an earlier batch, and must draw random
@@ -52,6 +53,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -446,6 +448,8 @@ class Trainer:
         self._last_logs: dict | None = None           # the logs of the last finished step
         self._logged_step = 0                         # last step whose scalars were written
         self._clock = (time.perf_counter(), 0)        # (time, step) of the last scalars written
+        self._requested: list[int] = []               # torchrun: signals this rank noted (deferred_interrupts)
+        self._agreed_signal = 0                       # torchrun: the signal all ranks agreed on at the last step
         if resume is not None:
             self._restore(resume)
         distributed.broadcast_parameters(self.group, [p for _, p in self._named_parameters])
@@ -473,8 +477,10 @@ class Trainer:
         torch.manual_seed(step_torch_seed(self.seed, step))
         self.optimizer.zero_grad(set_to_none=True)
         logs = self.editor.train_step(batch)
-        distributed.sum_gradients(self.group, [p for _, p in self._named_parameters], step)
-        if not isinstance(logs, dict) or "Loss" not in logs:
+        # torchrun: one all-reduce sums the gradients, the logged shares (StepTotals) and the ranks' stop requests
+        self._agreed_signal = distributed.sum_gradients(self.group, [p for _, p in self._named_parameters], step,
+                                                        logs, self._requested)
+        if not isinstance(logs, Mapping) or "Loss" not in logs:
             raise TypeError(f"{type(self.editor).__name__}.train_step must return a dict with a 'Loss' entry")
         loss = float(logs["Loss"])
         if not math.isfinite(loss):
@@ -590,6 +596,7 @@ class Trainer:
         return TrainResult(self.run_dir, self.last_checkpoint, self.step, dict(self.losses))
 
     def _loop(self, start: int, prefetcher: BatchPrefetcher, writer, bar, requested: list[int]) -> None:
+        self._requested = requested
         for step in range(start, self.total + 1):
             self.train_one(step, prefetcher.get(step))
             bar.update(1)
@@ -600,10 +607,9 @@ class Trainer:
             if step % self.cfg.save_every == 0:
                 self.save()
                 writer.flush()
-            if self.group.distributed and step < self.total:  # did any rank get Ctrl-C / SIGTERM?
-                signum = distributed.agreed_stop(self.group, requested, self.editor.vllm.device)
-                if signum:
-                    raise distributed.interrupt_for(signum)
+            # did any rank get Ctrl-C / SIGTERM before this step's gradients were summed? (no extra collective)
+            if self.group.distributed and step < self.total and self._agreed_signal:
+                raise distributed.interrupt_for(self._agreed_signal)
 
     # ---- stopping early -----------------------------------------------------------------------
     def _stopped(self, exc: BaseException, start: int, writer, more: list[int]) -> BaseException | None:

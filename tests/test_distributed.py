@@ -243,3 +243,117 @@ def test_a_rank_that_hangs_makes_the_others_fail_with_a_message(tmp_path):
     seconds = float(out.split(" s:")[0].split()[-1])
     assert seconds < 30
     assert "rank 0 of 2: the test barrier failed" in out and "within 3 s" in out
+
+
+COLLECTIVES_WORKER = textwrap.dedent("""
+    import json, signal, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    from runs import distributed
+    from runs.training import Trainer, TrainRunConfig, run_training
+    from utils.distributed import Shard, StepTotals
+
+    calls = {{"all_gather": 0, "all_reduce": 0}}
+    def counted(name):  # the real collective, counted
+        real = getattr(dist, name)
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return run
+    for name in calls:
+        setattr(dist, name, counted(name))
+    def taken(before):
+        return {{k: calls[k] - before[k] for k in calls}}
+
+    group, _ = distributed.setup("cpu", timeout_s=60)
+    out = {{}}
+    # several per-row tensors in one all_gather: values and gradients of separate gathers
+    shard = Shard(3, group.rank, 2)                     # rows [0, 1] | [2, 2 (a repeat)]
+    torch.manual_seed(0)
+    a, b = torch.rand(3, 2, 4), torch.rand(3, 5, dtype=torch.float32)
+    wa, wb = torch.rand(3, 2, 4) + group.rank, torch.rand(3, 5) - group.rank   # a different loss per rank
+    results = []
+    for together in (True, False):
+        xa, xb = a[shard.rows()].clone().requires_grad_(), b[shard.rows()].clone().requires_grad_()
+        before = dict(calls)
+        ga, gb = shard.gather_rows(xa, xb) if together else (shard.gather(xa), shard.gather(xb))
+        ((ga * wa).sum() + (gb * wb).sum()).backward()
+        results.append((ga.detach(), gb.detach(), xa.grad, xb.grad, taken(before)))
+    out["gather_rows_equal"] = all(torch.equal(x, y) for x, y in zip(results[0][:4], results[1][:4]))
+    out["gather_rows_values"] = torch.equal(results[0][0], a) and torch.equal(results[0][1], b)
+    out["gather_rows_calls"], out["separate_calls"] = results[0][4], results[1][4]
+    # gradients, logged shares and stop requests: one all-reduce
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), group.rank + 1.0)
+    totals = shard.totals({{"Loss": torch.tensor(group.rank + 1.0), "Other": torch.tensor(0.5)}})
+    before = dict(calls)
+    signum = distributed.sum_gradients(group, [p], 1, totals, [signal.SIGTERM] if group.rank == 1 else [signal.SIGINT])
+    out["sum"] = {{"grad": p.grad.tolist(), "logs": dict(totals), "signal": signum, "calls": taken(before),
+                   "is_step_totals": isinstance(totals, StepTotals)}}
+    lazy = shard.totals({{"Loss": torch.tensor(group.rank + 1.0)}})
+    out["lazy_loss"] = lazy["Loss"]                      # read without the trainer: sums on its own
+    out["no_signal"] = distributed.sum_gradients(group, [p], 2, None, [])
+    # a training step: 1 all_gather (experts + in-batch negatives) and 2 all-reduces (its backward; the
+    # gradients with the logged losses and the stop vote), nothing else
+    per_step = []
+    real_train_one = Trainer.train_one
+    def train_one(self, step, batch):
+        before = dict(calls)
+        logs = real_train_one(self, step, batch)
+        per_step.append(taken(before))
+        return logs
+    Trainer.train_one = train_one
+    cfg = TrainRunConfig(editor_name="liveedit", model_name="tiny-blip2", data_name="TOY", batch_size=4, seed=11,
+                         data_limit=8, data_buffer_size=0, max_steps=2, save_every=100, data_dir={data!r},
+                         records_dir={records!r})
+    before = dict(calls)
+    run_training(cfg, echo=None)
+    out["train_steps"], out["train_total"] = per_step, taken(before)
+    print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def test_a_sharded_step_makes_three_collectives_and_they_sum_everything(world, tmp_path):
+    """The fixed cost per step: one all_gather for every in-batch tensor, one all-reduce in its backward, one
+    all-reduce for the gradients + logged losses + stop requests (was 6 all_gathers and 9 all-reduces)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = COLLECTIVES_WORKER.format(root=ROOT, data=str(world / "data"), records=str(tmp_path / "records"))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**ENV, "WORLD_SIZE": "2", "RANK": str(r),
+                              "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            p.kill()
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    for r in results:
+        assert r["gather_rows_equal"] and r["gather_rows_values"]
+        assert r["gather_rows_calls"] == {"all_gather": 1, "all_reduce": 1}
+        assert r["separate_calls"] == {"all_gather": 2, "all_reduce": 2}
+        assert r["sum"] == {"grad": [3.0, 3.0, 3.0], "logs": {"Loss": 3.0, "Other": 1.0}, "signal": int(signal.SIGTERM),
+                            "calls": {"all_gather": 0, "all_reduce": 1}, "is_step_totals": True}
+        assert r["lazy_loss"] == 3.0 and r["no_signal"] == 0
+        assert r["train_steps"] == [{"all_gather": 1, "all_reduce": 2}] * 2
+    assert results[0]["train_total"] == results[1]["train_total"]
+
+
+def test_step_profiler_of_the_benchmark_times_every_phase(world, tmp_path):
+    """bench/profile_distributed_step.py (bench_distributed.py --split) still finds the phases it times."""
+    args = train_args(world, "records_prof", 4)
+    args[args.index("--records_dir") + 1] = str(tmp_path / "records")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_distributed_step.py"), *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"what": "train_step_split"')]
+    assert line["world"] == 1 and line["steps_timed"] == 2 and line["step_cpu_ms"] > 0
+    assert {"data preparation", "editor forward+backward", "gradient sum", "optimizer"} <= set(line["cpu_ms"])

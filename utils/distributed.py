@@ -15,10 +15,19 @@ Rows are split in contiguous blocks as evenly as possible (rank r gets rows star
 rank with fewer rows than the widest (the smaller last batch of an epoch) repeats its last row
 (row 0 when it has none) up to `width` rows, so that every rank gathers tensors of the same shape;
 the repeated rows are dropped by `gather` and `mean`, so they change nothing.
+
+Fixed cost per step, sharded: every collective is a round trip between the ranks, which at small
+shapes costs more than the data it moves, so a step makes few of them. `gather_rows` gathers any
+number of per-row tensors in ONE all_gather (its backward is ONE all-reduce), and `totals` does not
+reduce at once: it returns `StepTotals`, which the trainer sums over ranks in the same all-reduce as
+the gradients (`runs/distributed.py:sum_gradients`); read before that, it reduces on its own.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -115,6 +124,23 @@ class Shard:
         parts = all_gather_with_grad(x.contiguous())
         return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])  # [total, ...]
 
+    def gather_rows(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`gather` of several tensors [width, ...] in one all_gather per dtype (one in practice):
+        each x [width, ...] -> [total, ...], with gradients (one process: the tensors themselves)."""
+        if not self.sharded:
+            return xs
+        out: list[torch.Tensor | None] = [None] * len(xs)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, x in enumerate(xs):
+            by_dtype.setdefault(x.dtype, []).append(i)
+        for indices in by_dtype.values():
+            flat = torch.cat([xs[i].reshape(self.width, -1) for i in indices], dim=1)  # [width, sum of row sizes]
+            whole = self.gather(flat)  # [total, sum of row sizes]
+            parts = whole.split([math.prod(xs[i].shape[1:]) for i in indices], dim=1)
+            for i, part in zip(indices, parts):
+                out[i] = part.reshape(self.total, *xs[i].shape[1:])  # [total, ...]
+        return tuple(out)  # type: ignore[arg-type]
+
     def mean(self, per_row: torch.Tensor) -> torch.Tensor:
         """This rank's share of the mean over the global batch: per_row [width] -> a scalar whose sum
         over ranks is the global mean (one process: `per_row.mean()`)."""
@@ -122,13 +148,54 @@ class Shard:
             return per_row.mean()
         return per_row[:self.size].sum() / self.total
 
-    def totals(self, shares: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Scalars to log: each rank's shares summed over ranks (one all-reduce), as floats."""
+    def totals(self, shares: dict[str, torch.Tensor]) -> "dict[str, float] | StepTotals":
+        """Scalars to log: each rank's shares summed over ranks, as floats (one process: `.item()`).
+        Sharded, a `StepTotals` whose sum the trainer takes with the gradients' all-reduce."""
         if not self.sharded:
             return {name: value.item() for name, value in shares.items()}
-        stacked = torch.stack([value.detach().double() for value in shares.values()])  # [k]
-        dist.all_reduce(stacked)
-        return dict(zip(shares, stacked.tolist()))
+        return StepTotals(shares)
 
 
-__all__ = ["Shard", "all_gather_with_grad", "process_group_active", "rank", "world_size"]
+class StepTotals(Mapping):
+    """This rank's shares of a step's logged scalars; once summed over ranks, a mapping name -> float.
+
+    The trainer appends `pending()` to the gradients' all-reduce and hands the sums back with
+    `set_sums`; any other reader (a test calling `train_step` under a process group) makes it sum
+    them with an all-reduce of its own at the first read.
+    """
+
+    def __init__(self, shares: dict[str, torch.Tensor]):
+        self._names = list(shares)
+        self._shares = torch.stack([value.detach().float().reshape(()) for value in shares.values()])  # [k]
+        self._sums: dict[str, float] | None = None
+
+    @property
+    def summed(self) -> bool:
+        return self._sums is not None
+
+    def pending(self) -> torch.Tensor:
+        """This rank's shares [k] (float32), in name order, to be summed over ranks."""
+        return self._shares
+
+    def set_sums(self, summed: torch.Tensor) -> None:
+        """`summed` [k]: `pending()` summed over ranks."""
+        self._sums = dict(zip(self._names, summed.tolist()))
+
+    def _resolved(self) -> dict[str, float]:
+        if self._sums is None:
+            summed = self._shares.clone()
+            dist.all_reduce(summed)
+            self.set_sums(summed)
+        return self._sums  # type: ignore[return-value]
+
+    def __getitem__(self, name: str) -> float:
+        return self._resolved()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+__all__ = ["Shard", "StepTotals", "all_gather_with_grad", "process_group_active", "rank", "world_size"]

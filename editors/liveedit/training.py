@@ -21,8 +21,8 @@ The config's `expert_mixing` (-SR) and `visual_key` (HR*) reach the step through
 Under torchrun (`utils/distributed.py`) every rank draws the random choices of the whole global
 batch from the step's rng and computes only its `Shard` of rows; the experts of all C = B edits and
 the edit-side routing features (the in-batch negatives) are gathered from the other ranks with
-gradients, and each mean over the batch becomes this rank's share of it. In one process the shard
-is the whole batch and the arithmetic is unchanged.
+gradients, all in one all_gather (`Shard.gather_rows`), and each mean over the batch becomes this
+rank's share of it. In one process the shard is the whole batch and the arithmetic is unchanged.
 """
 from __future__ import annotations
 
@@ -222,33 +222,46 @@ def _stack_rows(editor, batch, keys, part):
     return _span_reps(editor, batch.everything, part, rows)  # [B, n, D], [B, n]
 
 
-def _hard_routing_probs(editor, batch, pairs, shard: Shard) -> torch.Tensor:
-    """softmax over [S | prototype] where S[j, k] = sim(input visual of A_j, edit visual key of B_k) -> [B, C+1]
-    (rows: this rank's records; columns: every record's B_k, gathered)."""
-    qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "query")
-    va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
+def _edit_query(editor, batch, pairs) -> torch.Tensor:
+    """Edit-side query features of each record's B item (soft routing) -> [B, e, md]."""
+    qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
+    return editor.edit_extractor.extract_query(qb, qb_mask)
+
+
+def _edit_vision(editor, batch, pairs) -> torch.Tensor:
+    """Edit-side visual keys of each record's B item (hard routing; pooled for the HR* row) -> [B, e, md]."""
     qb, qb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "query")
     vb, vb_mask = _stack_rows(editor, batch, [b for _, b in pairs], "vision")
+    return edit_visual_keys(editor.edit_extractor, qb, qb_mask, vb, vb_mask, editor.pooled_visual_key)
+
+
+def _hard_routing_probs(editor, batch, pairs, visual_edit: torch.Tensor) -> torch.Tensor:
+    """softmax over [S | prototype] where S[j, k] = sim(input visual of A_j, edit visual key of B_k) -> [B, C+1]
+    (rows: this rank's records; columns: every record's B_k, `visual_edit` [C, e, md] gathered from all ranks)."""
+    qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "query")
+    va, va_mask = _stack_rows(editor, batch, [a for a, _ in pairs], "vision")
     pooled = editor.pooled_visual_key
     visual_in, summary = visual_features(editor.inpt_extractor, qa, qa_mask, va, va_mask, pooled)  # [B, e, md] x2
-    visual_edit = shard.gather(edit_visual_keys(editor.edit_extractor, qb, qb_mask, vb, vb_mask, pooled))  # [C, e, md]
     sim = similarity(visual_in, visual_edit, editor.sim_scale)  # [B, C]
     prototype = prototype_similarity(editor.inpt_extractor, visual_in, qa, qa_mask, summary, editor.sim_scale,
                                      pooled)  # [B]
     return torch.softmax(torch.cat([sim, prototype[:, None]], dim=1), dim=1)  # [B, C+1]
 
 
-def _soft_routing_terms(editor, batch, shard: Shard, rows, own) -> dict[str, torch.Tensor]:
+def _soft_routing_used(cfg) -> bool:
+    return bool(cfg.soft_routing_rel_lambda or cfg.soft_routing_abs_lambda)
+
+
+def _soft_routing_terms(editor, batch, shard: Shard, rows, own, edit_query=None) -> dict[str, torch.Tensor]:
     """The soft-routing terms whose weight is not 0 (an ablated term is never computed): input query
-    features of A_j against edit query features of B_k, S [B, C]. Keys: "relative" (l_sr2, InfoNCE over
-    the batch), "absolute" (l_sr1) with its logged "positive" / "negative" sigmoids."""
+    features of A_j against edit query features of B_k (`edit_query` [C, e, md], gathered), S [B, C].
+    Keys: "relative" (l_sr2, InfoNCE over the batch), "absolute" (l_sr1) with its logged "positive" /
+    "negative" sigmoids."""
     cfg, eps = editor.config.train_cfg, editor.config.train_cfg.eps
-    if not (cfg.soft_routing_rel_lambda or cfg.soft_routing_abs_lambda):
+    if not _soft_routing_used(cfg):
         return {}
     qa, qa_mask = _stack_rows(editor, batch, [a for a, _ in batch.neighbour_pairs], "query")
-    qb, qb_mask = _stack_rows(editor, batch, [b for _, b in batch.neighbour_pairs], "query")
-    sim = similarity(editor.inpt_extractor.extract_query(qa, qa_mask),
-                     shard.gather(editor.edit_extractor.extract_query(qb, qb_mask)), editor.sim_scale)  # [B, C]
+    sim = similarity(editor.inpt_extractor.extract_query(qa, qa_mask), edit_query, editor.sim_scale)  # [B, C]
     terms = {}
     if cfg.soft_routing_rel_lambda:
         terms["relative"] = -shard.mean(torch.log(torch.softmax(sim, dim=1)[rows, own] + eps))
@@ -299,9 +312,15 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
     cfg, eps = editor.config.train_cfg, editor.config.train_cfg.eps
     shard = batch.shard or Shard(batch.rel_mask.shape[0])
     logs: dict[str, torch.Tensor] = {}
-    # experts of the batch's edits (the reliability samples are the edit requests), of every rank
+    # experts of the batch's edits (the reliability samples are the edit requests) and the edit-side
+    # routing features (the in-batch negatives), of every rank: one all_gather for all of them
     keys = editor.make_edit_keys(batch.rel.hidden, batch.rel.batch)
-    query_keys, up, down = (shard.gather(keys[k]) for k in ("query_keys", "up", "down"))  # [C, e, md], [C, r, D] x2
+    edit_neighbour = _edit_vision(editor, batch, batch.neighbour_pairs)  # [B, e, md]
+    edit_prototype = _edit_vision(editor, batch, batch.prototype_pairs)  # [B, e, md]
+    # the edit query features only when a soft-routing term is computed (an ablated pair is not)
+    edit_query = [_edit_query(editor, batch, batch.neighbour_pairs)] if _soft_routing_used(cfg) else []  # [B, e, md]
+    query_keys, up, down, edit_neighbour, edit_prototype, *edit_query = shard.gather_rows(
+        keys["query_keys"], keys["up"], keys["down"], edit_neighbour, edit_prototype, *edit_query)  # [C, ...] each
 
     # one pass of layers l_e+1..L over every sample of the step, each row with its own expert mask
     mask_of = {REL: batch.rel_mask, GEN: batch.gen_mask, LOC: batch.loc_mask}
@@ -326,11 +345,13 @@ def training_step(editor, batch: LiveEditTrainBatch) -> dict[str, float]:
 
     # soft routing: input query features of A_j against edit query features of B_k
     rows, own = shard.diagonal(editor.instant_reps_norm.weight.device)  # [B] x2: row j and its own record's column
-    soft_terms = _soft_routing_terms(editor, batch, shard, rows, own)
+    soft_terms = _soft_routing_terms(editor, batch, shard, rows, own, *edit_query)
 
     # hard routing: neighbours must beat the prototype, mismatched pairs must lose to it
-    neighbour = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.neighbour_pairs, shard)[rows, own] + eps))
-    prototype = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.prototype_pairs, shard)[:, -1] + eps))
+    neighbour = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.neighbour_pairs, edit_neighbour)[rows, own]
+                                      + eps))
+    prototype = -shard.mean(torch.log(_hard_routing_probs(editor, batch, batch.prototype_pairs, edit_prototype)[:, -1]
+                                      + eps))
     hard_loss = neighbour + prototype
 
     total = cfg.rel_lambda * rel_loss + cfg.gen_lambda * gen_loss + cfg.loc_lambda * loc_loss
