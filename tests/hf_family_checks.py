@@ -185,3 +185,22 @@ def liveedit_at_the_real_depth(tmp_path, real: str, tiny: str, layers: int) -> i
         return editor.config.edit_layer_i
     finally:
         editor.remove()
+
+
+def refuses_a_processor_that_disagrees_with_the_model(vllm, tmp_path, name: str, per: str) -> None:
+    """A real-layout folder whose processor_config.json says another image_seq_length than the model makes
+    (per tile or per image) is one UserError naming the file, both numbers and `per`."""
+    import json
+
+    import pytest
+
+    from editors.vllms import load_vllm
+    from utils.errors import UserError
+
+    vllm.model.save_pretrained(str(tmp_path))
+    vllm.processor.save_pretrained(str(tmp_path))
+    config = tmp_path / "processor_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), image_seq_length=20)))
+    with pytest.raises(UserError, match=r"processor_config.json: image_seq_length is 20 but the model .* makes "
+                                        r"{} tokens per {}".format(vllm.processor.image_seq_length, per)):
+        load_vllm(name, path=str(tmp_path))

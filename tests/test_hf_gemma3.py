@@ -5,16 +5,15 @@ processor's token_type_ids, and different from a causal-only pass), BOS once in 
 real-layout folder and the issue's CLI runs."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from conftest import make_image
-from editors.vllms import canonical_name, load_vllm
+from editors.vllms import canonical_name
 from editors.vllms.batch import with_prefix
-from hf_family_checks import liveedit_at_the_real_depth, train_then_evaluate_from_the_command_line
-from utils.errors import UserError
+from hf_family_checks import (liveedit_at_the_real_depth, refuses_a_processor_that_disagrees_with_the_model,
+                              train_then_evaluate_from_the_command_line)
 from test_backbones import (PROMPTS, TARGETS, test_generate_with_left_padding_matches_single_rows,  # noqa: F401
                             test_rows_of_a_batch_equal_the_batch_of_those_rows, test_rows_of_a_padded_batch_match_single_rows)
 from test_hf_vlm import (hf_tiny, plain_inputs,  # noqa: F401
@@ -115,13 +114,7 @@ def test_a_prefixed_batch_keeps_each_image_block_on_its_tokens(vllm):
 
 
 def test_a_folder_whose_processor_disagrees_with_the_model_on_tokens_per_image_is_refused(vllm, tmp_path):
-    vllm.model.save_pretrained(str(tmp_path))
-    vllm.processor.save_pretrained(str(tmp_path))
-    config = tmp_path / "processor_config.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), image_seq_length=20)))
-    with pytest.raises(UserError, match=r"processor_config.json: image_seq_length is 20 but the model .* makes "
-                                        r"{} tokens per image".format(vllm.processor.image_seq_length)):
-        load_vllm("gemma3", path=str(tmp_path))
+    refuses_a_processor_that_disagrees_with_the_model(vllm, tmp_path, "gemma3", "image")
 
 
 def test_names_and_the_fixed_prototype():

@@ -3,17 +3,13 @@ test_backbones.py / test_liveedit.py / test_hf_vlm.py collected again with this 
 (token counts by aspect ratio, the `<img>...</img>` run), the real-layout folder and the issue's CLI runs."""
 from __future__ import annotations
 
-import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import make_image
-from editors.vllms import canonical_name, load_vllm
-from hf_family_checks import liveedit_at_the_real_depth, train_then_evaluate_from_the_command_line
-from utils.errors import UserError
+from editors.vllms import canonical_name
+from hf_family_checks import (liveedit_at_the_real_depth, refuses_a_processor_that_disagrees_with_the_model,
+                              shaped_image, train_then_evaluate_from_the_command_line)
 from test_backbones import (test_generate_with_left_padding_matches_single_rows,  # noqa: F401
                             test_rows_of_a_batch_equal_the_batch_of_those_rows, test_rows_of_a_padded_batch_match_single_rows)
 from test_hf_vlm import (hf_tiny, plain_inputs,  # noqa: F401
@@ -40,11 +36,6 @@ NAME = "tiny-internvl"
 @pytest.fixture
 def vllm():
     return hf_tiny(NAME)
-
-
-def shaped_image(seed: int, height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def aspect_images():
@@ -90,13 +81,7 @@ def test_stop_after_layer_and_resume_match_the_full_forward(vllm, layer):
 
 
 def test_a_folder_whose_processor_disagrees_with_the_model_on_tokens_per_tile_is_refused(vllm, tmp_path):
-    vllm.model.save_pretrained(str(tmp_path))
-    vllm.processor.save_pretrained(str(tmp_path))
-    config = tmp_path / "processor_config.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), image_seq_length=20)))
-    with pytest.raises(UserError, match=r"processor_config.json: image_seq_length is 20 but the model .* makes "
-                                        r"{} tokens per tile".format(vllm.processor.image_seq_length)):
-        load_vllm("internvl", path=str(tmp_path))
+    refuses_a_processor_that_disagrees_with_the_model(vllm, tmp_path, "internvl", "tile")
 
 
 def test_names_and_the_folder_check():

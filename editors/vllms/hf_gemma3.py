@@ -27,7 +27,6 @@ import torch
 
 from utils.errors import UserError
 from .hf_vlm import HFVLM
-from .load_report import AllowList
 from .stack import DecoderStack
 
 
@@ -77,7 +76,6 @@ class Gemma3(HFVLM):
     default_name = "gemma3-4b"
     image_text = "<start_of_image>"
     stack_class = Gemma3Stack
-    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
     def __init__(self, model, processor, name: str, prompt_mode: str = "chat"):
         super().__init__(model, processor, name, prompt_mode)

@@ -19,7 +19,6 @@ import torch
 
 from utils.errors import UserError
 from .hf_vlm import HFVLM, image_only
-from .load_report import AllowList
 
 
 def _classes():
@@ -36,7 +35,6 @@ class InternVL(HFVLM):
     family = "internvl"
     default_name = "internvl3-8b"
     image_text = "<IMG_CONTEXT>\n"
-    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
     @staticmethod
     def max_image_tokens(processor) -> int:

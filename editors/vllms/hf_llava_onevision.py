@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from .hf_tiles import join_tiles
 from .hf_vlm import HFVLM, image_only
-from .load_report import AllowList
 
 
 def _classes():
@@ -30,7 +29,6 @@ class LlavaOneVision(HFVLM):
     family = "llava-onevision"
     default_name = "llava-onevision-7b"
     image_text = "<image>\n"  # the chat template's image text (images first, then a newline and the text)
-    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
     @staticmethod
     def max_image_tokens(processor) -> int:

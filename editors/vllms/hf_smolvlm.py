@@ -18,7 +18,6 @@ import math
 
 from .hf_tiles import join_tiles
 from .hf_vlm import HFVLM
-from .load_report import AllowList
 
 
 def _classes():
@@ -53,7 +52,6 @@ class SmolVLM(HFVLM):
     family = "smolvlm2"
     default_name = "smolvlm2-2b"
     image_text = "<image>"  # the processor expands it into the tiles and the global image
-    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
     @staticmethod
     def language_model(model):

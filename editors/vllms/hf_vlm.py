@@ -62,7 +62,8 @@ class HFVLM(VLLM):
     model_type: str = ""           # config.json's model_type
     image_text: str = ""           # what stands for one image in raw mode (the template's image text)
     default_name: str = ""
-    allowed_keys = AllowList()
+    # a tied LM head may be absent from the files (tie_word_embeddings); nothing unexpected is allowed
+    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
     max_prototype_tokens = 64      # LiveEdit prototype length cap (see `prototype_tokens`)
     stack_class: type | None = None  # the LM's DecoderStack when `stack_for` does not pick it (Gemma 3)
 
@@ -258,7 +259,6 @@ class Qwen25VL(HFVLM):
     family = "qwen2.5-vl"
     default_name = "qwen2.5-vl-7b"
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
-    allowed_keys = AllowList(unexpected=(), tied=(r"(^|\.)lm_head\.weight$",))
 
     @staticmethod
     def max_image_tokens(processor) -> int:
