@@ -25,6 +25,11 @@ core: ~2.5-3.5 min per backbone, every `toy_accuracy` key >= 0.98 but `alt` ~0):
   underfit rather than overfit;
 - pixels of all pretraining images are preprocessed once, and the tokenisation of the few
   distinct (prompt, target) strings is memoised; both go through the backbone's own `prepare`.
+  Per family (`_bank`): fixed-size backbones keep an [n, 3, H, W] pixel tensor (`_PixelBank`);
+  processor-driven ones (`HFVLM`, e.g. tiny-qwen2.5-vl) keep each picture's patch sequence and grid,
+  whose image-token count may vary, and memoise a row's ids and M-RoPE positions per (prompt,
+  target, grid) (`_PatchBank`). `python -m runs.pretrain --names tiny-qwen2.5-vl` pretrains it with
+  the same defaults (docs/DEMO.md, "Other backbones").
 """
 from __future__ import annotations
 
@@ -373,7 +378,9 @@ class _AuxHeads(torch.nn.Module):
             pooled = torch.stack([f.float().mean(0) for f in features])  # [n, d]
         loss = sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(self.bridge))
         if self.vision is not None:
-            patches = self._patches if self._patches.ndim == 2 else self._patches[:, 1:].float().mean(1)  # [n, dv], CLS dropped
+            patches = self._patches  # [n, dv] pooled by the hook (HFVLM)
+            if patches.ndim == 3:
+                patches = patches[:, 1:].float().mean(1)  # [n, dv], CLS dropped
             loss = loss + sum(F.cross_entropy(head(patches), labels[:, k]) for k, head in enumerate(self.vision))
         self._patches = None
         return loss / len(self.bridge)
