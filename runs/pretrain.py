@@ -25,6 +25,11 @@ core: ~2.5-3.5 min per backbone, every `toy_accuracy` key >= 0.98 but `alt` ~0):
   underfit rather than overfit;
 - pixels of all pretraining images are preprocessed once, and the tokenisation of the few
   distinct (prompt, target) strings is memoised; both go through the backbone's own `prepare`.
+  Per family (`_bank`): fixed-size backbones keep an [n, 3, H, W] pixel tensor (`_PixelBank`);
+  processor-driven ones (`HFVLM`, e.g. tiny-qwen2.5-vl) keep each picture's patch sequence and grid,
+  whose image-token count may vary, and memoise a row's ids and M-RoPE positions per (prompt,
+  target, grid) (`_PatchBank`). `python -m runs.pretrain --names tiny-qwen2.5-vl` pretrains it with
+  the same defaults (docs/DEMO.md, "Other backbones").
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +49,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from editors.vllms import save_vllm
+from editors.vllms.hf_vlm import HFVLM
 from editors.vllms.tiny import TINY_NAMES, TinySpec, build_tiny
+from editors.vllms.tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
 from toyworld.world import QUESTIONS, ensure_toyworld, read_manifest, vqa_prompt
 from toyworld.world_v4 import pretrain_question_types
 from utils.data import load_edit_dataset
@@ -156,6 +163,58 @@ def _pixel_bank(vllm, paths: list[str], chunk: int = 256) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _PixelBank:
+    """Every pretraining picture of a fixed-size backbone (BLIP-2, LLaVA, MiniGPT-4), preprocessed
+    once: [n, 3, H, W] pixels; each picture becomes the same number of image tokens."""
+
+    def __init__(self, vllm, paths: list[str]):
+        self.vllm, self.pixels = vllm, _pixel_bank(vllm, paths)
+
+    def encode(self, indices: torch.Tensor) -> torch.Tensor:
+        """[n, tokens, d] bridge output of the pictures `indices`."""
+        return self.vllm.encode_images(self.pixels[indices].to(self.vllm.device, self.vllm.dtype))
+
+    def inputs(self, tokenize: Callable, seen: dict):
+        """The fast-input block of this bank (`_fast_inputs`)."""
+        return _fast_inputs(self.vllm, self.pixels, tokenize, seen)
+
+
+class _PatchBank:
+    """Every pretraining picture of a processor-driven backbone (`HFVLM`: Qwen2.5-VL, ...), run
+    through its image processor once: per picture its patch sequence [p_i, c] and its grid [3]
+    (t, h, w patches); a picture becomes t*h*w / merge^2 image tokens, a number that may vary."""
+
+    def __init__(self, vllm: HFVLM, paths: list[str], chunk: int = 256):
+        self.vllm, self.paths = vllm, paths
+        self.pixels: list[torch.Tensor] = []  # per picture [p_i, c]
+        self.grids: list[torch.Tensor] = []   # per picture [3]
+        for i in range(0, len(paths), chunk):
+            out = vllm.processor.image_processor(images=[load_image(p) for p in paths[i:i + chunk]],
+                                                 return_tensors="pt")
+            grids = out["image_grid_thw"]  # [k, 3]
+            self.grids.extend(grids.unbind(0))
+            self.pixels.extend(out["pixel_values"].split(grids.prod(-1).tolist()))
+
+    def image_inputs(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The processor outputs of the pictures `indices`, joined as the processor joins them."""
+        return {"pixel_values": torch.cat([self.pixels[i] for i in indices]),
+                "image_grid_thw": torch.stack([self.grids[i] for i in indices])}
+
+    def encode(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Per picture of `indices` its [n_i, d] image features (what the LM sees)."""
+        return self.vllm.encode_images(self.image_inputs(indices.tolist()))[0]
+
+    def inputs(self, tokenize: Callable, seen: dict):
+        """The fast-input block of this bank (`_fast_patch_inputs`; `tokenize` is not needed: the
+        processor's rows are memoised there)."""
+        return _fast_patch_inputs(self.vllm, self, seen)
+
+
+def _bank(vllm, paths: list[str]) -> _PixelBank | _PatchBank:
+    """The pretraining pictures preprocessed the way this backbone's family needs."""
+    return _PatchBank(vllm, paths) if isinstance(vllm, HFVLM) else _PixelBank(vllm, paths)
+
+
 @contextlib.contextmanager
 def _fast_inputs(vllm, bank: torch.Tensor, tokenize: Callable, seen: dict | None = None):
     """Within this block `vllm.prepare` takes bank indices as images, encodes each distinct picture
@@ -182,6 +241,54 @@ def _fast_inputs(vllm, bank: torch.Tensor, tokenize: Callable, seen: dict | None
             vars(vllm).pop(attr, None)
 
 
+_PATCHED_HF = ("_row", "_features", "_positions")
+
+
+@contextlib.contextmanager
+def _fast_patch_inputs(vllm: HFVLM, bank: _PatchBank, seen: dict | None = None):
+    """`_fast_inputs` for a processor-driven backbone: within this block `vllm.prepare` takes bank
+    indices as images; a row's ids and positions are computed once per (prompt, target, picture
+    grid) (the processor's text depends on the picture only through its grid), its pixels come
+    from the bank, and each distinct picture of a batch is encoded once. `seen` receives the bank
+    indices ("indices") and per picture [n_i, d] features ("features") of the distinct pictures."""
+    row, positions = vllm._row, vllm._positions
+    rows: dict[tuple, tuple[torch.Tensor, int]] = {}
+    placed: dict[tuple, torch.Tensor] = {}
+
+    def fast_row(prompt: str, target: str, index: int | None):
+        key = (prompt, target, None if index is None else tuple(bank.grids[index].tolist()))
+        if key not in rows:
+            ids, t_start, _ = row(prompt, target, None if index is None else load_image(bank.paths[index]))
+            rows[key] = (ids, t_start)
+        extra = {"row_key": key}
+        if index is not None:
+            extra.update(bank_index=index, image_grid_thw=bank.grids[index][None])
+        return (*rows[key], extra)
+
+    def fast_positions(ids: torch.Tensor, extra: dict) -> torch.Tensor:
+        key = extra["row_key"]
+        if key not in placed:
+            placed[key] = positions(ids, extra)
+        return placed[key]
+
+    def fast_features(extras: list[dict]):
+        if not extras:
+            return [], None
+        unique, inverse = torch.unique(torch.tensor([e["bank_index"] for e in extras]), return_inverse=True)
+        features, deep = vllm.encode_images(bank.image_inputs(unique.tolist()))
+        if seen is not None:
+            seen.update(indices=unique, features=features)
+        pick = inverse.tolist()
+        return [features[j] for j in pick], None if deep is None else [deep[j] for j in pick]
+
+    vllm._row, vllm._features, vllm._positions = fast_row, fast_features, fast_positions
+    try:
+        yield
+    finally:
+        for attr in _PATCHED_HF:
+            vars(vllm).pop(attr, None)
+
+
 def _target_loss(vllm, batch) -> torch.Tensor:
     """Mean cross-entropy of the target tokens (LM head only where a target token is predicted)."""
     hidden = vllm.last_hidden(batch)  # [b, l, d]
@@ -189,8 +296,9 @@ def _target_loss(vllm, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.labels[batch.label_mask])
 
 
-_VISION_PREFIXES = ("vision_model.", "model.vision_tower.", "visual_encoder.")
+_VISION_PREFIXES = ("vision_model.", "model.vision_tower.", "visual_encoder.", "model.visual.")
 _LM_PREFIXES = ("language_model.", "model.language_model.", "lm_head.", "llama_model.")
+_BRIDGE_PREFIXES = ("model.visual.merger.",)  # Qwen's patch merger sits inside its vision module
 
 
 def param_groups(vllm) -> dict[str, list[torch.nn.Parameter]]:
@@ -198,7 +306,9 @@ def param_groups(vllm) -> dict[str, list[torch.nn.Parameter]]:
     projector — whatever is neither vision encoder nor LM)."""
     groups: dict[str, list[torch.nn.Parameter]] = {"vision": [], "bridge": [], "lm": []}
     for name, p in vllm.model.named_parameters():
-        if name.startswith(_VISION_PREFIXES):
+        if name.startswith(_BRIDGE_PREFIXES):
+            groups["bridge"].append(p)
+        elif name.startswith(_VISION_PREFIXES):
             groups["vision"].append(p)
         elif name.startswith(_LM_PREFIXES):
             groups["lm"].append(p)
@@ -209,19 +319,24 @@ def param_groups(vllm) -> dict[str, list[torch.nn.Parameter]]:
 
 def _vision_encoder(vllm) -> torch.nn.Module:
     """The backbone's vision encoder module (its output has `last_hidden_state`, and for LLaVA the
-    `hidden_states` whose `vision_feature_layer` the projector reads)."""
+    `hidden_states` whose `vision_feature_layer` the projector reads; Qwen's `visual` also holds the
+    merger, its `last_hidden_state` is the patches before it)."""
     model = vllm.model
     for attr in ("vision_model", "visual_encoder"):
         if hasattr(model, attr):
             return getattr(model, attr)
-    return model.model.vision_tower
+    return model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
 
 
 class _AuxHeads(torch.nn.Module):
     """Linear heads that read each answer (one head per question type) off the mean image feature:
     of the bridge output (what the LM sees) and, with `on_vision`, of the vision encoder's patch
     features (a forward hook keeps them). A training aid only: they make the vision side learn long
-    before the LM has learned to look at it, and are thrown away afterwards."""
+    before the LM has learned to look at it, and are thrown away afterwards.
+
+    Fixed-size backbones give features as one [n, tokens, d] tensor and patches as [n, 1 + p, dv]
+    (CLS first); processor-driven ones (`HFVLM`) give a list of [n_i, d] and all pictures' patches
+    as one [sum p_i, dv] sequence, cut per picture by the grids the encoder was called with."""
 
     def __init__(self, vllm, world: _World, on_vision: bool):
         super().__init__()
@@ -235,9 +350,15 @@ class _AuxHeads(torch.nn.Module):
             self.bridge = torch.nn.ModuleList(torch.nn.Linear(vllm.hidden_size, len(answers[t])) for t in qtypes)
             self.vision = torch.nn.ModuleList(torch.nn.Linear(encoder.config.hidden_size, len(answers[t]))
                                               for t in qtypes) if on_vision else None
-        self._patches: torch.Tensor | None = None
+        self._patches: torch.Tensor | None = None  # [n, 1 + p, dv], or for HFVLM [n, dv] already pooled
         self._hook = None
-        if on_vision:
+        if on_vision and isinstance(vllm, HFVLM):
+            def keep_pooled(module, args, kwargs, out):
+                sizes = kwargs["grid_thw"].prod(-1).tolist()  # patches per picture
+                self._patches = torch.stack([p.float().mean(0) for p in out.last_hidden_state.split(sizes)])
+
+            self._hook = encoder.register_forward_hook(keep_pooled, with_kwargs=True)
+        elif on_vision:
             # LLaVA's projector reads an inner layer; BLIP-2's and MiniGPT-4's bridges the last one.
             layer = getattr(getattr(vllm.model, "config", None), "vision_feature_layer", None)
 
@@ -249,12 +370,17 @@ class _AuxHeads(torch.nn.Module):
 
     def loss(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the heads for the pictures `indices` whose bridge output is
-        `features` [n, tokens, d] (the vision encoder's output comes from the hook)."""
+        `features` [n, tokens, d] or a list of n [n_i, d] (the vision encoder's output comes from the hook)."""
         labels = self.labels[indices]  # [n, n_types]
-        pooled = features.float().mean(1)  # [n, d]
+        if isinstance(features, torch.Tensor):
+            pooled = features.float().mean(1)  # [n, d]
+        else:
+            pooled = torch.stack([f.float().mean(0) for f in features])  # [n, d]
         loss = sum(F.cross_entropy(head(pooled), labels[:, k]) for k, head in enumerate(self.bridge))
         if self.vision is not None:
-            patches = self._patches[:, 1:].float().mean(1)  # [n, dv], CLS dropped
+            patches = self._patches  # [n, dv] pooled by the hook (HFVLM)
+            if patches.ndim == 3:
+                patches = patches[:, 1:].float().mean(1)  # [n, dv], CLS dropped
             loss = loss + sum(F.cross_entropy(head(patches), labels[:, k]) for k, head in enumerate(self.vision))
         self._patches = None
         return loss / len(self.bridge)
@@ -284,10 +410,10 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
     cfg = cfg or config_for(name)
     if cfg.vision_steps and cfg.aux_weight <= 0:
         raise ValueError("PretrainConfig: vision_steps > 0 needs aux_weight > 0 (phase 1 trains only the aux heads)")
-    vllm = build_tiny(name, cfg.spec)
+    vllm = build_tiny_vlm(name, cfg.spec) if name in TINY_VLM_NAMES else build_tiny(name, cfg.spec)
     tune_cpu_threads(name, vllm.device)
     world = _load_world(world_dir)
-    bank = _pixel_bank(vllm, world.images)
+    bank = _bank(vllm, world.images)
     rng = np.random.default_rng([cfg.seed, 17])
     torch.manual_seed(cfg.seed)
     vllm.model.eval().requires_grad_(True)  # eval mode: no dropout; gradients on every weight
@@ -320,7 +446,7 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
     try:
         for step in range(cfg.vision_steps):  # phase 1: the auxiliary heads teach vision + bridge
             idx = torch.tensor([next_image() for _ in range(cfg.vision_batch)])
-            loss = aux.loss(vllm.encode_images(bank[idx].to(vllm.device, vllm.dtype)), idx)
+            loss = aux.loss(bank.encode(idx), idx)
             update(loss)
             bar.update()
             if callback is not None:
@@ -338,7 +464,7 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
                 prompt, target = world.text[int(j)]
                 prompts.append(prompt), images.append(None), targets.append(target)
             seen: dict = {}
-            with _fast_inputs(vllm, bank, tokenize, seen):
+            with bank.inputs(tokenize, seen):
                 loss = _target_loss(vllm, vllm.prepare(prompts, images, targets))
             aux_w = cfg.aux_weight * max(0.0, 1.0 - step / max(1.0, cfg.aux_steps * cfg.steps))
             update(loss + aux_w * aux.loss(seen["features"], seen["indices"]) if aux_w > 0 and seen else loss)
@@ -414,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the eval-split accuracies. Reuses a cached model unless --force.")
     parser.add_argument("--world", default="data/toyworld", help="toy-world folder (default: %(default)s)")
     parser.add_argument("--records", default="records", help="cache root: <records>/pretrained/ (default: %(default)s)")
-    parser.add_argument("--names", nargs="+", default=list(TINY_NAMES), choices=TINY_NAMES,
-                        help="backbones (default: all three)")
+    parser.add_argument("--names", nargs="+", default=list(TINY_NAMES), choices=TINY_NAMES + TINY_VLM_NAMES,
+                        help="backbones (default: the three paper families)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default: 0)")
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     ns = parser.parse_args(argv)
