@@ -52,7 +52,8 @@ from editors.vllms import save_vllm
 from editors.vllms.hf_vlm import HFVLM
 from editors.vllms.tiny import TINY_NAMES, TinySpec, build_tiny
 from editors.vllms.tiny_vlm import TINY_VLM_NAMES, build_tiny_vlm
-from toyworld.world import QUESTIONS, ensure_toyworld, read_manifest, vqa_prompt
+from toyworld import keep_toyworld
+from toyworld.world import QUESTIONS, read_manifest, vqa_prompt
 from toyworld.world_v4 import pretrain_question_types
 from utils.data import load_edit_dataset
 from utils.devices import tune_cpu_threads
@@ -546,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     ns = parser.parse_args(argv)
     try:
-        world = str(ensure_toyworld(ns.world))
+        world = keep_toyworld(ns.world)  # a world already there (any size, version 4 too) is kept
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

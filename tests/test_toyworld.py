@@ -403,6 +403,9 @@ def test_v4_ensure_and_cli(tmp_path, capsys):
     tw.ensure_toyworld(data / "toyworld", **SMALL_V4)
     ensure_toy_data(str(data))  # a v4 world under data/toyworld is kept, not turned into v3
     assert tw.read_manifest(data / "toyworld")["version"] == 4
+    from toyworld import keep_toyworld  # what `python -m runs.pretrain --world <folder>` uses
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert keep_toyworld(out) == str(out) and (out / "manifest.json").stat().st_mtime_ns == stamp
     assert tw.main(["--out", str(tmp_path / "bad"), "--version", "4", "--n_eval", "7000"]) == 2
     assert "--n_train" in capsys.readouterr().err
 

@@ -13,12 +13,14 @@ from .world import corpus_lines, ensure_toyworld, read_manifest, toyworld_args
 
 
 def ensure_toy_data(data_dir: str | os.PathLike = "data") -> str:
-    """The toy world under `data_dir/toyworld`, for `-dna TOY` / `-dn TOY`.
+    """The toy world under `data_dir/toyworld`, for `-dna TOY` / `-dn TOY` (see `keep_toyworld`)."""
+    return keep_toyworld(os.path.join(data_dir, "toyworld"))
 
-    A toy world already there is kept whatever its size (tests and users make small ones); an
-    outdated version is regenerated with the same arguments; a missing one gets the default size.
-    """
-    out_dir = os.path.join(data_dir, "toyworld")
+
+def keep_toyworld(out_dir: str | os.PathLike) -> str:
+    """The toy world in `out_dir`: one already there is kept whatever its size and version (tests
+    and users make small ones, `--version 4` makes bigger ones); an outdated generator output is
+    regenerated with the same arguments; a missing one gets the default size."""
     args = (read_manifest(out_dir) or {}).get("args") or {}
     try:
         toyworld_args(**args)
@@ -27,4 +29,4 @@ def ensure_toy_data(data_dir: str | os.PathLike = "data") -> str:
     return str(ensure_toyworld(out_dir, **args))
 
 
-__all__ = ["corpus_lines", "ensure_toy_data", "ensure_toyworld", "read_manifest", "toyworld_args"]
+__all__ = ["corpus_lines", "ensure_toy_data", "ensure_toyworld", "keep_toyworld", "read_manifest", "toyworld_args"]
