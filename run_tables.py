@@ -139,7 +139,9 @@ def run(ns) -> int:
     info.setdefault("commits", [])
     start = time.time()
     outcome = None
+    command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     if not ns.report_only:
+        info.setdefault("command", command)  # the run's first command (a resume repeats it)
         if commit() not in info["commits"]:  # a resumed run may span commits: the doc lists them all
             info["commits"].append(commit())
         try:
@@ -149,7 +151,7 @@ def run(ns) -> int:
             write_json_atomic(info_path, info)
     summary = report.collect(cfg)
     path = report.write_summary(cfg, summary)
-    doc_info = {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+    doc_info = {"command": info.get("command", command),
                 "commit of this call": commit(), "commits the jobs ran at": ", ".join(info["commits"]) or "-",
                 "machine": machine(),
                 "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
