@@ -70,15 +70,18 @@ def visual_keys(vllm, records: list[EditRecord], chunk: int = 64) -> np.ndarray:
     return keys if keys is not None else np.zeros((len(records), 1), dtype=np.float32)
 
 
-def cached_visual_keys(run_dir: str, key: str, compute) -> tuple[np.ndarray, str, bool]:
-    """(keys, path, reused): the keys cached under `run_dir`, else `compute()` written there atomically."""
+def cached_visual_keys(run_dir: str, key: str, compute, num_records: int) -> tuple[np.ndarray, str, bool]:
+    """(keys, path, reused): the [num_records, D] keys cached under `run_dir`, else `compute()` written
+    there atomically (a damaged file, or one of another row count, is recomputed and replaced)."""
     folder = make_folder(os.path.join(run_dir, NEIGHBOURS_DIR))
     path = os.path.join(folder, f"visual-keys-{key}.npy")
     if os.path.isfile(path):
         try:
-            return np.load(path, allow_pickle=False), path, True
-        except (OSError, ValueError):
-            pass  # a damaged cache is recomputed and replaced
+            keys = np.load(path, allow_pickle=False)
+            if keys.ndim == 2 and keys.shape[0] == num_records:
+                return keys, path, True
+        except (OSError, ValueError, EOFError):
+            pass
     keys = compute()
 
     def write(tmp: str) -> None:

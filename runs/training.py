@@ -825,7 +825,8 @@ def _attach_neighbours(trainer: "Trainer", cfg: TrainRunConfig, vllm, records: l
     def build():
         key = cache_key(vllm.name, cfg.model_path, str(vllm.dtype).replace("torch.", ""), fingerprint)
         started = time.perf_counter()
-        keys, path, reused = cached_visual_keys(run_dir, key, lambda: visual_keys(vllm, records))  # [n, D]
+        keys, path, reused = cached_visual_keys(run_dir, key, lambda: visual_keys(vllm, records),
+                                                 len(records))  # [n, D]
         table = neighbour_table(keys, table_width(cfg.batch_size, cfg.batch_neighbours))  # [n, K + B - 1]
         say(f"batch neighbours: K={cfg.batch_neighbours}, visual keys {'read from' if reused else 'computed into'} "
             f"{path} ({time.perf_counter() - started:.1f} s)")

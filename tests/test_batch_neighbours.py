@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from runs.neighbours import (NEIGHBOURS_DIR, anchors_per_batch, compose_batch, neighbour_table, table_width,
-                             visual_keys)
+from runs.neighbours import (NEIGHBOURS_DIR, anchors_per_batch, cached_visual_keys, compose_batch, neighbour_table,
+                             table_width, visual_keys)
 from runs.training import TrainRunConfig, batch_indices, epoch_order, run_training, steps_per_epoch
 from utils.errors import UserError
 
@@ -77,6 +77,24 @@ def test_every_record_anchors_once_per_epoch():
     assert sorted(np.concatenate(anchors).tolist()) == list(range(n))
     again = [batch_indices(seed, s, n, bs, k, table)[1] for s in range(1, per_epoch + 1)]
     assert all(np.array_equal(a[[0, 3]], b) for a, b in zip(again, anchors))   # pure function of the step
+
+
+def test_cached_keys_are_reused_and_a_damaged_file_is_replaced(tmp_path):
+    made = []
+
+    def compute():
+        made.append(1)
+        return np.eye(3, dtype=np.float32)
+
+    keys, path, reused = cached_visual_keys(str(tmp_path), "abc", compute, 3)
+    assert not reused and os.path.basename(path) == "visual-keys-abc.npy" and len(made) == 1
+    assert np.array_equal(cached_visual_keys(str(tmp_path), "abc", compute, 3)[0], keys) and len(made) == 1
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY half a file")
+    again, _, reused = cached_visual_keys(str(tmp_path), "abc", compute, 3)
+    assert not reused and np.array_equal(again, keys) and len(made) == 2
+    assert np.array_equal(np.load(path), keys)   # replaced by a whole file
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n != "visual-keys-abc.npy"]   # no temporary left
 
 
 def test_flag_checks_name_the_flag(tmp_path):
