@@ -18,7 +18,9 @@ Differences from the paper's loop (spec §5.3-5.4, W-7, W-9, W-10, W-29):
 * The data order is a pure function of (seed, epoch) and each step's random generator a pure
   function of (seed, step), so a resumed run continues exactly where the checkpoint was taken
   (same batches, same losses) without saving any RNG stream. A batch never mixes two epochs;
-  the last batch of an epoch may be smaller.
+  the last batch of an epoch may be smaller. With `--batch_neighbours K` a batch is anchors from that
+  order plus each anchor's K visually nearest records (runs/neighbours.py; keys computed once, cached
+  in the run folder), still a pure function of (seed, epoch, step).
 * The EMA of the loss starts at the first loss (the paper started it at 1.0).
 * A final checkpoint is always written, and one of the last finished step on Ctrl-C, SIGTERM or an
   exception mid-run (a signal during a checkpoint write waits for the write); resuming continues
@@ -576,6 +578,8 @@ class Trainer:
 
         In the main thread, SIGTERM stops the run like Ctrl-C (`TrainingInterrupted`).
         """
+        if self.neighbours and self.table is None:
+            raise ValueError("batch_neighbours > 0: call Trainer.use_neighbours(table) before run()")
         self.run_dir, self.ckpt_dir = run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)
         start = self.step + 1
         self._clock = (time.perf_counter(), self.step)
