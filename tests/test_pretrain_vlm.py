@@ -17,22 +17,12 @@ from conftest import ROOT
 from editors.vllms import TinySpec, load_vllm
 from editors.vllms.tiny_vlm import build_tiny_vlm
 from runs import pretrain as P
-from toyworld.world import generate_toyworld, read_manifest
+from test_pretrain import short_cfg, world  # noqa: F401  (the same small world and short config)
+from toyworld.world import read_manifest
 
 QWEN = "tiny-qwen2.5-vl"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain_vlm") / "toyworld"
-    generate_toyworld(out, n_train=2, n_eval=6, seed=0, n_pretrain_scenes=8, n_facts=4)
-    return str(out)
-
-
-def short_cfg(name: str, **changes) -> P.PretrainConfig:
-    base = dict(spec=TinySpec(vision_init_std=0.05), vision_steps=12, vision_batch=8, steps=30,
-                batch_images=4, text_rows=2, warmup=5, lr=3e-3, vision_lr=3e-3)
-    return P.config_for(name, **{**base, **changes})
 
 
 # The paper families' default cache keys, recorded at commit 4d846d1 (before processor-driven backbones could
