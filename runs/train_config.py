@@ -81,6 +81,12 @@ class TrainRunConfig:
     data_buffer_size: int = flag("-dbs", "--data_buffer_size", default=4, group=LOOP,
                                  help="batches prepared ahead by the data thread; 0 = prepare in the main thread "
                                       "(default: %(default)s)")
+    batch_neighbours: int = flag(
+        "--batch_neighbours", default=0, group=LOOP, metavar="K",
+        help="compose each batch of -bs B from ceil(B/(K+1)) anchor records (drawn as with 0) plus, for each, "
+             "its K visually nearest training records (by the frozen backbone's mean image feature, computed "
+             "once and cached in the run folder), so contrastive routing losses see look-alikes as negatives; "
+             "an epoch is then every record once as an anchor. 0 = uniform batches (default: %(default)s)")
     dist_timeout: float | None = flag(
         "--dist_timeout", default=None, group=WHERE,
         help="torchrun only: seconds a rank waits for the others in a collective before failing with a message "
@@ -104,6 +110,10 @@ class TrainRunConfig:
             (self.log_every >= 1, "-lpi/--log_per_i must be at least 1"),
             (0.0 < self.ema_alpha <= 1.0, "-ea/--ema_alpha must be in (0, 1]"),
             (self.data_buffer_size >= 0, "-dbs/--data_buffer_size must be 0 or more"),
+            (self.batch_neighbours >= 0, "--batch_neighbours must be 0 or more"),
+            (self.batch_neighbours == 0 or self.batch_neighbours < self.batch_size,
+             f"--batch_neighbours {self.batch_neighbours} must be smaller than -bs/--batch_size {self.batch_size} "
+             f"(a batch holds an anchor and its neighbours)"),
             (self.data_limit is None or self.data_limit >= 1, "-dn/--data_n must be at least 1"),
             (self.dist_timeout is None or self.dist_timeout > 0, "--dist_timeout must be a positive number of seconds"),
             (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"),

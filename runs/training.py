@@ -18,7 +18,9 @@ Differences from the paper's loop (spec §5.3-5.4, W-7, W-9, W-10, W-29):
 * The data order is a pure function of (seed, epoch) and each step's random generator a pure
   function of (seed, step), so a resumed run continues exactly where the checkpoint was taken
   (same batches, same losses) without saving any RNG stream. A batch never mixes two epochs;
-  the last batch of an epoch may be smaller.
+  the last batch of an epoch may be smaller. With `--batch_neighbours K` a batch is anchors from that
+  order plus each anchor's K visually nearest records (runs/neighbours.py; keys computed once, cached
+  in the run folder), still a pure function of (seed, epoch, step).
 * The EMA of the loss starts at the first loss (the paper started it at 1.0).
 * A final checkpoint is always written, and one of the last finished step on Ctrl-C, SIGTERM or an
   exception mid-run (a signal during a checkpoint write waits for the write); resuming continues
@@ -76,6 +78,8 @@ from utils.records import data_fingerprint
 
 from runs import distributed
 from runs.data import check_lengths, load_split
+from runs.neighbours import (anchors_per_batch, cache_key, cached_visual_keys, compose_batch, neighbour_table,
+                             table_width, visual_keys)
 from runs.signals import deferred_interrupts, signal_label, signal_of, terminate_like_ctrl_c
 from runs.train_config import TrainRunConfig
 
@@ -147,8 +151,9 @@ def time_seed() -> int:
 # Data order: pure functions of (seed, epoch, step)
 # ---------------------------------------------------------------------------------------------
 
-def steps_per_epoch(num_records: int, batch_size: int) -> int:
-    return math.ceil(num_records / batch_size)
+def steps_per_epoch(num_records: int, batch_size: int, neighbours: int = 0) -> int:
+    """Steps of one epoch: every record once (as an anchor when `neighbours` > 0, see runs/neighbours.py)."""
+    return math.ceil(num_records / anchors_per_batch(batch_size, neighbours))
 
 
 def epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
@@ -156,22 +161,31 @@ def epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_records)
 
 
-def batch_indices(seed: int, step: int, num_records: int, batch_size: int) -> tuple[int, np.ndarray]:
-    """(epoch, record indices) of global step `step` (1-based); batches never cross epochs."""
-    per_epoch = steps_per_epoch(num_records, batch_size)
+def batch_indices(seed: int, step: int, num_records: int, batch_size: int, neighbours: int = 0,
+                  table: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """(epoch, record indices) of global step `step` (1-based); batches never cross epochs.
+
+    neighbours = K > 0 (with `table`, `runs.neighbours.neighbour_table`): the step's slice of the epoch
+    order gives ceil(B/(K+1)) anchors, each followed by its K nearest records (`compose_batch`)."""
+    per_epoch = steps_per_epoch(num_records, batch_size, neighbours)
     epoch, within = divmod(step - 1, per_epoch)
     order = epoch_order(seed, epoch + 1, num_records)
-    return epoch + 1, order[within * batch_size:(within + 1) * batch_size]
+    if neighbours == 0:
+        return epoch + 1, order[within * batch_size:(within + 1) * batch_size]
+    if table is None:
+        raise ValueError("batch_indices with neighbours > 0 needs the neighbour table")
+    anchors = anchors_per_batch(batch_size, neighbours)
+    return epoch + 1, compose_batch(order[within * anchors:(within + 1) * anchors], table, neighbours, batch_size)
 
 
 def total_steps(cfg: TrainRunConfig, num_records: int) -> int:
     """Last global step of a run: epochs x steps per epoch, capped by max_steps."""
-    total = steps_per_epoch(num_records, cfg.batch_size) * cfg.epochs
+    total = steps_per_epoch(num_records, cfg.batch_size, cfg.batch_neighbours) * cfg.epochs
     return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 
-def epoch_of_step(step: int, num_records: int, batch_size: int) -> int:
-    return (step - 1) // steps_per_epoch(num_records, batch_size) + 1
+def epoch_of_step(step: int, num_records: int, batch_size: int, neighbours: int = 0) -> int:
+    return (step - 1) // steps_per_epoch(num_records, batch_size, neighbours) + 1
 
 
 def batch_rng(seed: int, step: int) -> np.random.Generator:
@@ -355,6 +369,10 @@ def _load_resume(cfg: TrainRunConfig) -> _Resume | None:
             hint = " (leave -rs out to reuse the checkpoint's seed)" if key == "seed" else ""
             raise UserError(f"checkpoint {folder} was trained with {key} {saved!r}, but {flag} gives {wanted!r}; "
                             f"resuming needs the same value{hint}")
+    saved_k = int(state.get("batch_neighbours") or 0)  # not stored = 0 (uniform batches)
+    if saved_k != cfg.batch_neighbours:
+        raise UserError(f"checkpoint {folder} was trained with --batch_neighbours {saved_k}, but this run asks for "
+                        f"{cfg.batch_neighbours}; resuming needs the same value (it sets the data order)")
     return _Resume(folder=folder, run_dir=os.path.dirname(parent), state=state, meta=meta)
 
 
@@ -434,7 +452,9 @@ class Trainer:
         self.cfg, self.seed, self.editor, self.records = cfg, seed, editor, records
         self.group = group or distributed.Group()
         self.n = len(records)
-        self.per_epoch = steps_per_epoch(self.n, cfg.batch_size)
+        self.neighbours = cfg.batch_neighbours
+        self.per_epoch = steps_per_epoch(self.n, cfg.batch_size, self.neighbours)
+        self.table: np.ndarray | None = None  # [n, K + B - 1] nearest records, set by `use_neighbours` when K > 0
         self.total = total_steps(cfg, self.n)
         self.fingerprint = fingerprint or data_fingerprint(records, relative_to=cfg.data_dir)
         self.optimizer, self.scheduler = editor.make_optimizer()
@@ -458,14 +478,19 @@ class Trainer:
         load_editor_weights(self.editor, resume.folder)
         restore_optimizer(self.optimizer, self.scheduler, resume.state, resume.folder)
         self.step = int(resume.state["step"])
-        self.epoch = int(resume.state.get("epoch") or epoch_of_step(max(self.step, 1), self.n, self.cfg.batch_size))
+        self.epoch = int(resume.state.get("epoch") or epoch_of_step(max(self.step, 1), self.n, self.cfg.batch_size,
+                                                                     self.neighbours))
         self.ema, self.loss = resume.state.get("ema_loss"), resume.state.get("loss")
         self.saved_step, self.last_checkpoint = self.step, resume.folder
         self._logged_step = self.step
 
     # ---- one step -----------------------------------------------------------------------------
+    def use_neighbours(self, table: np.ndarray) -> None:
+        """The neighbour table of the records (`runs.neighbours.neighbour_table`), needed when K > 0."""
+        self.table = table
+
     def make_batch(self, step: int) -> Any:
-        _, ids = batch_indices(self.seed, step, self.n, self.cfg.batch_size)
+        _, ids = batch_indices(self.seed, step, self.n, self.cfg.batch_size, self.neighbours, self.table)
         return self.editor.training_batch([self.records[i] for i in ids], batch_rng(self.seed, step))
 
     def train_one(self, step: int, batch: Any) -> dict:
@@ -496,7 +521,7 @@ class Trainer:
             alpha = self.cfg.ema_alpha
             self.ema = loss if self.ema is None else alpha * loss + (1 - alpha) * self.ema
             self.step, self.loss = step, loss
-            self.epoch = epoch_of_step(step, self.n, self.cfg.batch_size)
+            self.epoch = epoch_of_step(step, self.n, self.cfg.batch_size, self.neighbours)
             self.losses[step] = loss
             self._last_logs = logs
             self._updating = False
@@ -518,6 +543,7 @@ class Trainer:
             raise _NonFinite(self.step, f"the parameters {bad} are not finite after the update of step {self.step}")
         state = {"step": self.step, "epoch": self.epoch, "ema_loss": self.ema, "loss": self.loss,
                  "seed": self.seed, "batch_size": self.cfg.batch_size, "num_records": self.n,
+                 **({"batch_neighbours": self.neighbours} if self.neighbours else {}),
                  "data_fingerprint": self.fingerprint,
                  "data_name": self._data_name(), "editor": self.editor.name, "backbone": self.editor.vllm.name}
         with deferred_interrupts():
@@ -558,6 +584,8 @@ class Trainer:
 
         In the main thread, SIGTERM stops the run like Ctrl-C (`TrainingInterrupted`).
         """
+        if self.neighbours and self.table is None:
+            raise ValueError("batch_neighbours > 0: call Trainer.use_neighbours(table) before run()")
         self.run_dir, self.ckpt_dir = run_dir, os.path.join(run_dir, CHECKPOINTS_DIR)
         start = self.step + 1
         self._clock = (time.perf_counter(), self.step)
@@ -787,6 +815,8 @@ def _run_training(cfg: TrainRunConfig, echo, group: distributed.Group, device: s
     data_info = {"num_records": len(records), "steps_per_epoch": trainer.per_epoch, "total_steps": trainer.total}
     if group.distributed:
         data_info["world_size"] = group.world
+    if cfg.batch_neighbours:
+        data_info["visual_keys"] = _attach_neighbours(trainer, cfg, vllm, records, fingerprint, run_dir, group, say)
     if group.is_main:
         write_run_config(run_dir, dataclasses.replace(cfg, seed=seed, dtype=str(vllm.dtype).replace("torch.", "")),
                          config_to_dict(editor.config), data_info)
@@ -796,6 +826,26 @@ def _run_training(cfg: TrainRunConfig, echo, group: distributed.Group, device: s
     result = trainer.run(run_dir)
     say(f"final checkpoint: {result.final_checkpoint}")
     return result
+
+
+def _attach_neighbours(trainer: "Trainer", cfg: TrainRunConfig, vllm, records: list, fingerprint: str,
+                       run_dir: str, group: distributed.Group, say) -> str:
+    """--batch_neighbours K: the records' visual keys (cached in the run folder) -> the trainer's neighbour
+    table, made once on rank 0 and sent to the others (every rank draws the same batches). Returns the
+    cache file's path relative to the run folder."""
+    def build():
+        key = cache_key(vllm.name, cfg.model_path, str(vllm.dtype).replace("torch.", ""), fingerprint)
+        started = time.perf_counter()
+        keys, path, reused = cached_visual_keys(run_dir, key, lambda: visual_keys(vllm, records),
+                                                 len(records))  # [n, D]
+        table = neighbour_table(keys, table_width(cfg.batch_size, cfg.batch_neighbours))  # [n, K + B - 1]
+        say(f"batch neighbours: K={cfg.batch_neighbours}, visual keys {'read from' if reused else 'computed into'} "
+            f"{path} ({time.perf_counter() - started:.1f} s)")
+        return table, os.path.relpath(path, run_dir)
+
+    table, where = distributed.on_main(group, build, "computing the records' visual keys (--batch_neighbours)")
+    trainer.use_neighbours(table)
+    return where
 
 
 def train(cfg: TrainRunConfig) -> str:
