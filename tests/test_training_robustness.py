@@ -107,6 +107,19 @@ class StopEditor(TrainableEditor):
 
 
 @pytest.fixture(scope="module", autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt here, however pytest was started.
+
+    A shell without job control starts a background command (`make test &`, `nohup`) with SIGINT
+    ignored, and Python then keeps it ignored: the os.kill(SIGINT) of these tests would do nothing
+    and the runs would finish normally. The training code rightly keeps an inherited SIG_IGN (a
+    background run is not meant to stop on the terminal's Ctrl-C), so the tests set the handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def registered():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(editors.EDITORS, EDITOR_KEY, f"{__name__}:StopEditor")
