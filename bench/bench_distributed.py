@@ -85,7 +85,9 @@ def main() -> None:
     final: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "data")
-        generate_toyworld(os.path.join(data_dir, "toyworld"), n_train=args.batch * args.steps, n_eval=8,
+        # one epoch of distinct records where the (version-3) world allows it; 2,048 is divisible by any
+        # power-of-two batch, so no step of a later epoch is short
+        generate_toyworld(os.path.join(data_dir, "toyworld"), n_train=min(args.batch * args.steps, 2048), n_eval=8,
                           n_pretrain_scenes=2)
         for rep in range(1, args.repeats + 1):
             cpu_ms = {}
