@@ -99,12 +99,23 @@ PRETRAIN_OVERRIDES: dict[str, dict] = {}
 """Per-backbone changes to the `PretrainConfig` defaults (`config_for`, used by `ensure_pretrained`);
 `spec` entries are dicts of `TinySpec` fields. Empty: the defaults suit all three backbones."""
 
+WORLD_OVERRIDES: dict[int, dict[str, dict]] = {
+    4: {"tiny-blip2": {"spec": {"patch_size": 4, "vision_hidden_size": 128, "vision_layers": 4},
+                       "vision_steps": 3000}},
+}
+"""Per toy-world version, per-backbone changes on top of `PRETRAIN_OVERRIDES`. Version 4's scenes
+hold small shapes and marks that 8-pixel patches of a 96-wide, 3-layer tower do not resolve; with
+4-pixel patches, width 128, 4 layers and 3,000 phase-1 steps tiny-blip2 tells an image rephrase's
+scene from the others 3x as often and LiveEdit holds at 1,000 edits (docs/LIFELONG.md, section 4).
+The version-3 world (the demo's) keeps the defaults."""
 
-def config_for(name: str, **changes) -> PretrainConfig:
-    """The config of backbone `name`: the defaults, then `PRETRAIN_OVERRIDES[name]`, then `changes`
-    (a `spec` given as a dict changes only those `TinySpec` fields)."""
+
+def config_for(name: str, world_version: int | None = None, **changes) -> PretrainConfig:
+    """The config of backbone `name` for a toy world of `world_version` (None: any, the defaults):
+    the defaults, then `PRETRAIN_OVERRIDES[name]`, then `WORLD_OVERRIDES[world_version][name]`, then
+    `changes` (a `spec` given as a dict changes only those `TinySpec` fields)."""
     cfg = PretrainConfig()
-    for layer in (PRETRAIN_OVERRIDES.get(name, {}), changes):
+    for layer in (PRETRAIN_OVERRIDES.get(name, {}), WORLD_OVERRIDES.get(world_version, {}).get(name, {}), changes):
         layer = dict(layer)
         spec = layer.pop("spec", None)
         if isinstance(spec, dict):
@@ -113,6 +124,17 @@ def config_for(name: str, **changes) -> PretrainConfig:
             layer["spec"] = spec
         cfg = dataclasses.replace(cfg, **layer)
     return cfg
+
+
+def config_for_world(name: str, world_dir: str, **changes) -> PretrainConfig:
+    """`config_for` with the version of the toy world in `world_dir` (no manifest: the defaults)."""
+    return config_for(name, (read_manifest(world_dir) or {}).get("version"), **changes)
+
+
+def recipe_key(cfg: PretrainConfig) -> str:
+    """A short hash of the whole config: what `run_tables.py` puts in a pretraining job's command, so
+    that a changed recipe reruns that job and everything trained or evaluated on its backbone."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def cache_key(name: str, world_manifest: dict, cfg: PretrainConfig) -> str:
@@ -408,7 +430,7 @@ def pretrain_tiny(name: str, world_dir: str, cfg: PretrainConfig | None = None, 
 
     Sets torch to one CPU thread (`tune_cpu_threads`). `callback(step, loss, vllm)` runs after
     every optimiser step, steps counted over both phases (phase 1 reports the auxiliary loss)."""
-    cfg = cfg or config_for(name)
+    cfg = cfg or config_for_world(name, world_dir)
     if cfg.vision_steps and cfg.aux_weight <= 0:
         raise ValueError("PretrainConfig: vision_steps > 0 needs aux_weight > 0 (phase 1 trains only the aux heads)")
     vllm = build_tiny_vlm(name, cfg.spec) if name in TINY_VLM_NAMES else build_tiny(name, cfg.spec)
@@ -513,8 +535,9 @@ def ensure_pretrained(name: str, world_dir: str, records_dir: str = "records",
     (or always, with `force`). Load it with `load_vllm(name, folder)`; its `pretrain_report.json`
     holds the training seconds, the config and the eval-split accuracies (`toy_accuracy`).
 
-    `cfg` defaults to `config_for(name)` (the defaults with `PRETRAIN_OVERRIDES[name]`)."""
-    cfg = cfg or config_for(name)
+    `cfg` defaults to `config_for_world(name, world_dir)` (the defaults with the backbone's and the
+    world version's overrides)."""
+    cfg = cfg or config_for_world(name, world_dir)
     key = cache_key(name, read_manifest(world_dir) or {}, cfg)
     out = os.path.join(records_dir, "pretrained", f"{name}-{key}")
     if not force and os.path.isfile(os.path.join(out, "pretrain_report.json")):
@@ -552,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name in ns.names:
-        cfg = config_for(name, seed=ns.seed, spec={"seed": ns.seed})
+        cfg = config_for_world(name, world, seed=ns.seed, spec={"seed": ns.seed})
         out = ensure_pretrained(name, world, ns.records, cfg, force=ns.force)
         with open(os.path.join(out, "pretrain_report.json")) as f:
             report = json.load(f)

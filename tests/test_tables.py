@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from runs.data import draw_records
+from runs.pretrain import config_for, recipe_key
 from runs.tables.jobs import run_jobs
 from runs.tables.plan import Job, TablesConfig, build_jobs
 from runs.tables.report import _entry
@@ -36,10 +37,12 @@ def test_runner_skips_finished_reruns_changed_and_blocks_dependants(tmp_path):
     jobs[1] = Job("b", _writer(marks["b"]), marks["b"])
     second = run_jobs(jobs, out, workers=2, show_progress=False)
     assert sorted(second.skipped) == ["a", "d"] and sorted(second.ran) == ["b", "c"]
-    # the same name with another command (another setting) is not finished, even though its marker exists
+    # the same name with another command (another setting) is not finished, even though its marker exists,
+    # and neither is the job that used its output
     jobs[0] = Job("a", _writer(marks["a"]) + ["# changed"], marks["a"])
     third = run_jobs(jobs, out, workers=1, show_progress=False)
-    assert third.ran == ["a"] and sorted(third.skipped) == ["b", "c", "d"]
+    assert third.ran == ["a", "d"] and sorted(third.skipped) == ["b", "c"]
+    assert run_jobs(jobs, out, workers=1, show_progress=False).ran == []
 
 
 def test_entry_is_mean_and_sample_std_over_seeds():
@@ -70,6 +73,9 @@ def test_plan_counts_and_checks():
     assert "eval-tiny-blip2-liveedit-HRstar-1000-s2" in names and "train-tiny-llava-mend_vl" in names
     at_1000 = next(j for j in jobs if j.name == "eval-tiny-llava-grace-1000-s0")
     assert at_1000.meta["records"] == 1000 and "--edits" in at_1000.argv
+    # a pretraining job names its recipe, so a changed recipe reruns it and all that used its backbone
+    pre = next(j for j in jobs if j.name == "pretrain-tiny-blip2")
+    assert pre.argv[pre.argv.index("--recipe") + 1] == recipe_key(config_for("tiny-blip2", cfg.world_version))
     with pytest.raises(UserError, match="fewer records than edits"):
         TablesConfig(records=50, points=(1, 100))
     with pytest.raises(UserError, match="ablation"):

@@ -1,13 +1,16 @@
 """Run the jobs of a plan as child processes, a few at a time, skipping the finished ones.
 
 A job is finished when its marker file exists and the ledger (`<out>/jobs.json`) records that it
-finished with the same command: changing a setting (steps, records, seeds) reruns exactly the jobs
-it changes. A failed job is reported with its log and its dependants are skipped; the others go on.
+finished with the same fingerprint: a hash of its command and of its dependencies' fingerprints.
+Changing a setting (steps, records, seeds, a backbone's pretraining recipe) reruns exactly the jobs it
+changes and every job that used their output. (A ledger written before fingerprints reruns its jobs.) A failed job is reported with its log and its dependants are skipped; the others go on.
 Ctrl-C / SIGTERM stops the children (trainings save their last step, evaluations keep their
 finished chunks), so the same command resumes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -27,20 +30,34 @@ def _command(job: Job) -> list[str]:
     return job.argv[1:]  # without the interpreter's path, which may differ between machines
 
 
+def fingerprints(jobs: list[Job]) -> dict[str, str]:
+    """job name -> hash of its command and its dependencies' fingerprints (jobs in dependency order)."""
+    prints: dict[str, str] = {}
+    for job in jobs:
+        blob = json.dumps([_command(job), [prints.get(dep, dep) for dep in job.deps]])
+        prints[job.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return prints
+
+
 @dataclass
 class Ledger:
+    """`jobs.json`: job name -> {"command": its command, "fingerprint": see `fingerprints`}."""
+
     path: str
+    prints: dict[str, str]
     done: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str) -> "Ledger":
-        return cls(path, read_json(path) if os.path.isfile(path) else {})
+    def load(cls, path: str, jobs: list[Job]) -> "Ledger":
+        return cls(path, fingerprints(jobs), read_json(path) if os.path.isfile(path) else {})
 
     def finished(self, job: Job) -> bool:
-        return os.path.isfile(job.marker) and self.done.get(job.name) == _command(job)
+        entry = self.done.get(job.name)
+        return (os.path.isfile(job.marker) and isinstance(entry, dict)
+                and entry.get("fingerprint") == self.prints[job.name])
 
     def record(self, job: Job) -> None:
-        self.done[job.name] = _command(job)
+        self.done[job.name] = {"command": _command(job), "fingerprint": self.prints[job.name]}
         write_json_atomic(self.path, self.done)
 
 
@@ -54,7 +71,7 @@ class Outcome:
 
 def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = True) -> Outcome:
     """Run every unfinished job of `jobs` (in dependency order, `workers` at once)."""
-    ledger = Ledger.load(os.path.join(out_dir, "jobs.json"))
+    ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
     logs = os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     outcome = Outcome(skipped=[j.name for j in jobs if ledger.finished(j)])

@@ -185,7 +185,8 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
     for backbone in cfg.backbones:
         if cfg.pretrained(backbone):
             jobs.append(Job(f"pretrain-{backbone}", _python("-m", "runs.tables.stage", "pretrain", "--backbone", backbone,
-                                                            "--data_dir", cfg.data_dir, "--records", cfg.out_dir),
+                                                            "--data_dir", cfg.data_dir, "--records", cfg.out_dir,
+                                                            "--recipe", pretrain_recipe(backbone, cfg.world_version)),
                             backbone_marker(cfg.out_dir, backbone), deps=("world",), cost_s=300, kind="pretrain", meta={"backbone": backbone}))
     if "lte_vl" in cfg.editors and cfg.toy:
         jobs.append(Job("retriever", _python("-m", "runs.tables.stage", "retriever", "--data_dir", cfg.data_dir,
@@ -215,6 +216,13 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
                 for seed in cfg.seeds:
                     jobs.append(_eval_job(cfg, backbone, editor, row, point, seed))
     return jobs
+
+
+def pretrain_recipe(backbone: str, world_version: int) -> str:
+    """The pretraining config's hash for this backbone and world version (`runs.pretrain.recipe_key`)."""
+    from runs.pretrain import config_for, recipe_key
+
+    return recipe_key(config_for(backbone, world_version))
 
 
 def _backbone_args(cfg: TablesConfig, backbone: str) -> list[str]:

@@ -60,10 +60,15 @@ def make_world(ns) -> None:
 
 
 def pretrain(ns) -> None:
-    from runs.pretrain import ensure_pretrained
+    from runs.pretrain import config_for_world, ensure_pretrained, recipe_key
 
     start = time.time()
-    folder = ensure_pretrained(ns.backbone, os.path.join(ns.data_dir, "toyworld"), ns.records)
+    world = os.path.join(ns.data_dir, "toyworld")
+    cfg = config_for_world(ns.backbone, world)
+    if ns.recipe and recipe_key(cfg) != ns.recipe:
+        raise UserError(f"the pretraining recipe of {ns.backbone} for the toy world in {world} is {recipe_key(cfg)}, "
+                        f"the plan expected {ns.recipe}: the world there is of another version than the plan's")
+    folder = ensure_pretrained(ns.backbone, world, ns.records, cfg)
     report = read_json(os.path.join(folder, "pretrain_report.json"))
     write_marker(backbone_marker(ns.records, ns.backbone),
                       {"folder": folder, "eval_accuracy": report.get("eval_accuracy"),
@@ -160,6 +165,7 @@ def parse_args(argv=None):
         p.add_argument("--records", required=True, help="the run's output folder (caches go under it)")
         if kind == "pretrain":
             p.add_argument("--backbone", required=True)
+            p.add_argument("--recipe", default=None, help="the pretraining config hash the plan expects")
     p = kinds.add_parser("train")
     for name in ("--backbone", "--editor", "--data_dir", "--records"):
         p.add_argument(name, required=True)
