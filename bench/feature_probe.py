@@ -28,18 +28,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from editors.vllms import load_vllm  # noqa: E402
+from runs.neighbours import image_keys  # noqa: E402
 from utils.images import load_image  # noqa: E402
 
 
 def features(vllm, world: str, paths: list[str], chunk: int = 128) -> torch.Tensor:
-    """[n, D] L2-normalised mean bridge output of the images `paths` (relative to `world`)."""
-    out = []
-    for i in range(0, len(paths), chunk):
-        images = [load_image(os.path.join(world, p)) for p in paths[i:i + chunk]]
-        with torch.no_grad():
-            f = vllm.encode_images(vllm.pixel_values(images)).float().mean(1)  # [b, D]
-        out.append(torch.nn.functional.normalize(f, dim=-1))
-    return torch.cat(out)
+    """[n, D] `runs.neighbours.image_keys` of the images `paths` (relative to `world`)."""
+    return torch.cat([image_keys(vllm, [load_image(os.path.join(world, p)) for p in paths[i:i + chunk]])
+                      for i in range(0, len(paths), chunk)])
 
 
 def probe(vllm, world: str, n: int) -> dict:

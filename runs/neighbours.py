@@ -56,14 +56,19 @@ def edit_image(record: EditRecord) -> str | None:
 
 
 @torch.no_grad()
+def image_keys(vllm, images: list) -> torch.Tensor:
+    """[b, D] float32: the L2-normalised mean over image tokens of the bridge output of each image."""
+    tokens = vllm.encode_images(vllm.pixel_values(images))  # [b, t, D]
+    return torch.nn.functional.normalize(tokens.float().mean(1), dim=-1)  # [b, D]
+
+
 def visual_keys(vllm, records: list[EditRecord], chunk: int = 64) -> np.ndarray:
-    """[n, D] float32: L2-normalised mean bridge output of each record's edit image (zeros without one)."""
+    """[n, D] float32: `image_keys` of each record's edit image (zeros without one)."""
     keys: np.ndarray | None = None
     with_image = [i for i, r in enumerate(records) if edit_image(r) is not None]
     for start in range(0, len(with_image), chunk):
         rows = with_image[start:start + chunk]
-        tokens = vllm.encode_images(vllm.pixel_values([edit_image(records[i]) for i in rows]))  # [b, t, D]
-        pooled = torch.nn.functional.normalize(tokens.float().mean(1), dim=-1)  # [b, D]
+        pooled = image_keys(vllm, [edit_image(records[i]) for i in rows])  # [b, D]
         if keys is None:
             keys = np.zeros((len(records), pooled.shape[1]), dtype=np.float32)  # [n, D]
         keys[rows] = pooled.cpu().numpy()

@@ -3,7 +3,8 @@
 A job is finished when its marker file exists and the ledger (`<out>/jobs.json`) records that it
 finished with the same fingerprint: a hash of its command and of its dependencies' fingerprints.
 Changing a setting (steps, records, seeds, a backbone's pretraining recipe) reruns exactly the jobs it
-changes and every job that used their output. (A ledger written before fingerprints reruns its jobs.) A failed job is reported with its log and its dependants are skipped; the others go on.
+changes and every job that used their output (a ledger written before fingerprints reruns its jobs).
+A failed job is reported with its log and its dependants are skipped; the others go on.
 Ctrl-C / SIGTERM stops the children (trainings save their last step, evaluations keep their
 finished chunks), so the same command resumes.
 """
