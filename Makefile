@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench clean-demo tables tables-quick
+.PHONY: setup demo test bench clean-demo tables tables-quick lifelong
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,6 @@ tables: setup
 
 tables-quick: setup
 	$(PY) run_tables.py --quick
+
+lifelong: setup
+	$(PY) run_lifelong.py

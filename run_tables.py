@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from utils.errors import UserError  # noqa: E402
-from utils.io import read_json, write_json_atomic  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,71 +100,29 @@ def config_from(ns):
     return cfg
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return head + (" (with uncommitted changes)" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.isfile("/proc/cpuinfo") else platform.processor()
-    avx512 = os.path.isfile("/proc/cpuinfo") and " avx512f" in open("/proc/cpuinfo").read()
-    return f"{model}, {os.cpu_count()} cores{', AVX-512' if avx512 else ''}"
-
-
 def run(ns) -> int:
     from runs.tables import report
-    from runs.tables.jobs import run_jobs
+    from runs.tables.jobs import print_plan, report_failures, run_recorded
     from runs.tables.plan import build_jobs
 
     cfg = config_from(ns)
     jobs = build_jobs(cfg)
     if ns.plan:
-        for job in jobs:
-            print(f"{job.cost_s:8.0f} s  {job.name}")
-        print(f"{len(jobs)} jobs, about {sum(j.cost_s for j in jobs) / 3600 / cfg.jobs:.1f} h with {cfg.jobs} at once "
-              f"(rough CPU estimate)")
+        print_plan(jobs, cfg.jobs)
         return 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    info_path = os.path.join(cfg.out_dir, "run_info.json")
-    info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
-    info.setdefault("commits", [])
-    start = time.time()
-    outcome = None
-    command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    if not ns.report_only:
-        info.setdefault("command", command)  # the run's first command (a resume repeats it)
-        if commit() not in info["commits"]:  # a resumed run may span commits: the doc lists them all
-            info["commits"].append(commit())
-        try:
-            outcome = run_jobs(jobs, cfg.out_dir, cfg.jobs, show_progress=not ns.no_progress)
-        finally:
-            info["wall_s_all_calls"] = round(info["wall_s_all_calls"] + time.time() - start, 1)
-            write_json_atomic(info_path, info)
+    outcome, provenance = run_recorded(jobs, cfg.out_dir, cfg.jobs, not ns.no_progress, ns.report_only)
     summary = report.collect(cfg)
     path = report.write_summary(cfg, summary)
-    doc_info = {"command": info.get("command", command),
-                "commit of this call": commit(), "commits the jobs ran at": ", ".join(info["commits"]) or "-",
-                "machine": machine(),
-                "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
-                "jobs at once": cfg.jobs, "seeds": list(cfg.seeds), "points": list(cfg.points),
-                "records per point": f"{cfg.records} (per-edit optimisers: {cfg.records_slow}); "
-                                     f"{cfg.records_max_point} at {max(cfg.points)} edits" if max(cfg.points) >= 1000
-                else f"{cfg.records} (per-edit optimisers: {cfg.records_slow})",
-                "training steps (batch 8, seed 0)": cfg.train_steps,
-                "data": f"toy world, version {cfg.world_version}" if cfg.toy else cfg.data_name}
+    doc_info = provenance | {
+        "seeds": list(cfg.seeds), "points": list(cfg.points),
+        "records per point": f"{cfg.records} (per-edit optimisers: {cfg.records_slow}); "
+                             f"{cfg.records_max_point} at {max(cfg.points)} edits" if max(cfg.points) >= 1000
+        else f"{cfg.records} (per-edit optimisers: {cfg.records_slow})",
+        "training steps (batch 8, seed 0)": cfg.train_steps,
+        "data": f"toy world, version {cfg.world_version}" if cfg.toy else cfg.data_name}
     doc = report.write_doc(cfg, summary, doc_info)
     print(f"wrote {path} and {doc}")
-    if outcome and (outcome.failed or outcome.blocked):
-        print(f"{len(outcome.failed)} job(s) failed, {len(outcome.blocked)} not started because of them:", file=sys.stderr)
-        for name, log in outcome.failed.items():
-            print(f"  {name}: {log}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures(outcome)
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from utils.io import read_json, write_json_atomic
+from utils.provenance import commit, machine
 
 from runs.tables.plan import Job
 
@@ -153,3 +154,48 @@ class _StopFlag:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
+
+
+# ---- a whole run: the plan, the jobs with their provenance, the failures ------------------------
+def print_plan(jobs: list[Job], workers: int) -> None:
+    for job in jobs:
+        print(f"{job.cost_s:8.0f} s  {job.name}")
+    print(f"{len(jobs)} jobs, about {sum(j.cost_s for j in jobs) / 3600 / workers:.1f} h with {workers} at once "
+          f"(rough CPU estimate)")
+
+
+def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: bool,
+                 report_only: bool = False) -> tuple[Outcome | None, dict]:
+    """`run_jobs` (unless `report_only`), accounted in `<out_dir>/run_info.json`: the run's first command,
+    every commit its jobs ran at (a resumed run may span commits) and the wall time of all its calls.
+    Returns the outcome and the provenance lines of the run's doc."""
+    os.makedirs(out_dir, exist_ok=True)
+    info_path = os.path.join(out_dir, "run_info.json")
+    info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
+    info.setdefault("commits", [])
+    command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    outcome, start = None, time.time()
+    if not report_only:
+        info.setdefault("command", command)  # a resume repeats the first command
+        if commit() not in info["commits"]:
+            info["commits"].append(commit())
+        try:
+            outcome = run_jobs(jobs, out_dir, workers, show_progress=show_progress)
+        finally:
+            info["wall_s_all_calls"] = round(info["wall_s_all_calls"] + time.time() - start, 1)
+            write_json_atomic(info_path, info)
+    provenance = {"command": info.get("command", command), "commit of this call": commit(),
+                  "commits the jobs ran at": ", ".join(info["commits"]) or "-", "machine": machine(),
+                  "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
+                  "jobs at once": workers}
+    return outcome, provenance
+
+
+def report_failures(outcome: Outcome | None) -> int:
+    """Print the failed jobs and their logs; the exit status of the run (1 when any failed)."""
+    if not outcome or not (outcome.failed or outcome.blocked):
+        return 0
+    print(f"{len(outcome.failed)} job(s) failed, {len(outcome.blocked)} not started because of them:", file=sys.stderr)
+    for name, log in outcome.failed.items():
+        print(f"  {name}: {log}", file=sys.stderr)
+    return 1

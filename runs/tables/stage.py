@@ -2,9 +2,11 @@
 
     world      the toy world (version 4 by default: 2,000 eval records, so 1,000 edits can be asked)
     pretrain   one tiny backbone pretrained on it (cached by runs/pretrain.py)
+    lookalike  a folder whose toy world reads the look-alike stress split as its eval split (links)
     retriever  LTE's tiny-mpnet stand-in trained on its train split (runs/aux_pretrain.py)
-    train      one editor (or a LiveEdit ablation) trained on the backbone
+    train      one editor (or a LiveEdit ablation) trained on the backbone (`--seed s`: its row is `<row>-s<s>`)
     eval       one table cell: an editor at n sequential edits over the records one seed draws
+               (`--file_order`: the file's first records instead; `--lifelong`: one growing repository)
 
 Each kind is resumable and writes a small JSON marker when it has finished (`markers`); the runner
 skips a job whose marker exists. A cell's JSON holds the five metrics, the edit time per edit, the
@@ -75,6 +77,21 @@ def pretrain(ns) -> None:
                        "pretrain_seconds": report.get("seconds"), "seconds_this_call": round(time.time() - start, 1)})
 
 
+def lookalike(ns) -> None:
+    """<out>/toyworld: links to the world in --data_dir, with `eval.json` -> its `lookalike.json`."""
+    source = os.path.abspath(os.path.join(ns.data_dir, "toyworld"))
+    if not os.path.isfile(os.path.join(source, "lookalike.json")):
+        raise UserError(f"{source} has no lookalike.json: the look-alike split comes with toy worlds of version 4")
+    target = os.path.join(ns.out, "toyworld")
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+        link = os.path.join(target, "eval.json" if name == "lookalike.json" else name)
+        if name != "eval.json" and not os.path.lexists(link):
+            os.symlink(os.path.join(source, name), link)
+    if not os.path.lexists(os.path.join(target, "eval.json")):
+        os.symlink(os.path.join(source, "lookalike.json"), os.path.join(target, "eval.json"))
+
+
 def retriever(ns) -> None:
     from runs.aux_pretrain import ensure_retriever
 
@@ -101,18 +118,23 @@ def ablation_yaml(out: str, backbone: str, ablation: str) -> str:
     return path
 
 
+def trained_row(row: str, seed: int | None) -> str:
+    """The row a training writes / an evaluation reads: `row`, or `row-s<seed>` for a seeded training."""
+    return row if seed is None else f"{row}-s{seed}"
+
+
 def train(ns) -> None:
     from runs.train_config import TrainRunConfig
     from runs.training import run_training
 
-    row = f"liveedit-{ns.ablation}" if ns.ablation else ns.editor
+    row = trained_row(f"liveedit-{ns.ablation}" if ns.ablation else ns.editor, ns.seed)
     runs_dir = os.path.join(ns.records, "runs")
     prefix = folder_part(row)
     earlier = sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*", "checkpoints", "latest")))
     config = ablation_yaml(ns.records, ns.backbone, ns.ablation) if ns.ablation else None
     cfg = TrainRunConfig(
         editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data, batch_size=ns.batch, max_steps=ns.steps,
-        save_every=max(ns.steps // 4, 1), seed=0, records_dir=runs_dir, name_prefix=prefix,
+        save_every=max(ns.steps // 4, 1), seed=0 if ns.seed is None else ns.seed, records_dir=runs_dir, name_prefix=prefix,
         model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=os.path.dirname(os.path.dirname(earlier[-1])) if earlier else None)
     start = time.time()
     result = run_training(cfg)
@@ -127,28 +149,37 @@ def evaluate(ns) -> None:
     from runs.eval_run import run_evaluation
     from runs.results import METRICS, metric_values
 
+    cell_row = "-".join(filter(None, [trained_row(ns.row, ns.train_seed), ns.tag]))
     checkpoint = None
     if editor_class(ns.editor).needs_training:
-        checkpoint = read_json(train_marker(ns.out, ns.backbone, ns.row))["checkpoint"]
+        checkpoint = read_json(train_marker(ns.out, ns.backbone, trained_row(ns.row, ns.train_seed)))["checkpoint"]
     aux = []
     if ns.editor == "lte_vl" and ns.data.upper() == "TOY":
         aux = [f"{LTE_RETRIEVER}={read_json(backbone_marker(ns.out, LTE_RETRIEVER))['folder']}"]
     cfg = EvalConfig(
         sequential_edit_n=ns.edits, editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data,
-        data_sample_n=ns.records, record_seed=ns.seed, seed=ns.seed,
+        data_sample_n=ns.records, record_seed=None if ns.file_order else ns.seed, seed=ns.seed, lifelong=ns.lifelong,
         model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device,
-        results_dir=os.path.join(ns.out, "eval"), eval_name_postfix=f"{folder_part(ns.row)}-n{ns.records}-s{ns.seed}",
+        results_dir=os.path.join(ns.out, "eval"), eval_name_postfix=f"{folder_part(cell_row)}-n{ns.records}-s{ns.seed}",
         editor_checkpoint=checkpoint, aux_model_paths=aux, exact_match=False, show_progress=False,
         allow_untrained=False)
     start = time.time()
     outcome = run_evaluation(cfg)
     run = outcome.run
     cell = {key: metric_values(outcome.total_mean, path).get("acc") for _, key, path in METRICS[:5]}
-    cell |= {"edit_s": run.get("edit_time_per_edit_s"), "peak_mb": run.get("peak_mb"),
+    routing = read_json(os.path.join(outcome.folder, "mean_results.json")).get("routing")
+    if ns.lifelong:  # the metrics after the last edit, and the curve of every checkpoint
+        curve = read_json(os.path.join(outcome.folder, "lifelong.json"))["checkpoints"]
+        cell["curve"] = [{"edits": c["edits"], **{key: metric_values(c["mean"], path).get("acc")
+                                                  for _, key, path in METRICS[:5]}, "routing": c.get("routing")}
+                         for c in curve]
+        cell |= {key: cell["curve"][-1][key] for _, key, _ in METRICS[:5]}
+        routing = cell["curve"][-1]["routing"]
+    cell |= {"routing": routing, "edit_s": run.get("edit_time_per_edit_s"), "peak_mb": run.get("peak_mb"),
              "peak_kind": run.get("peak_kind"), "records": ns.records, "edits": ns.edits, "seed": ns.seed,
              "edits_made": run.get("total_edit_n"), "results": outcome.folder,
              "seconds_this_call": round(time.time() - start, 1)}
-    write_marker(cell_path(ns.out, ns.backbone, ns.row, ns.edits, ns.seed), cell)
+    write_marker(cell_path(ns.out, ns.backbone, cell_row, ns.edits, ns.seed), cell)
 
 
 def parse_args(argv=None):
@@ -172,13 +203,21 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ablation", default=None)
+    p.add_argument("--seed", type=int, default=None, help="the training seed (default 0, unsuffixed row)")
     _backbone_flags(p)
     p = kinds.add_parser("eval")
     for name in ("--backbone", "--editor", "--row", "--data_dir", "--out"):
         p.add_argument(name, required=True)
     for name in ("--edits", "--records", "--seed"):
         p.add_argument(name, type=int, required=True)
+    p.add_argument("--train_seed", type=int, default=None, help="evaluate the training of this --seed")
+    p.add_argument("--file_order", action="store_true", help="the first --records records in the file's order")
+    p.add_argument("--lifelong", action="store_true", help="never restore: one repository over all records")
+    p.add_argument("--tag", default=None, help="appended to the cell's row (two evaluations of one row and point)")
     _backbone_flags(p)
+    p = kinds.add_parser("lookalike")
+    p.add_argument("--data_dir", required=True, help="holds the version-4 toyworld/")
+    p.add_argument("--out", required=True, help="the folder to write toyworld/ into")
     return parser.parse_args(argv)
 
 
@@ -189,7 +228,7 @@ def _backbone_flags(p) -> None:
     p.add_argument("--model_path", default=None)
 
 
-KINDS = {"world": make_world, "pretrain": pretrain, "retriever": retriever, "train": train, "eval": evaluate}
+KINDS = {"world": make_world, "pretrain": pretrain, "lookalike": lookalike, "retriever": retriever, "train": train, "eval": evaluate}
 
 
 def main(argv=None) -> int:
