@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from utils.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,14 +78,9 @@ def run(ns) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped; the same command resumes", file=sys.stderr)
-        return 130
+    from runs.tables.jobs import runner_main
+
+    return runner_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from utils.errors import UserError
 from utils.io import read_json, write_json_atomic
 from utils.provenance import commit, machine
 
@@ -199,3 +200,16 @@ def report_failures(outcome: Outcome | None) -> int:
     for name, log in outcome.failed.items():
         print(f"  {name}: {log}", file=sys.stderr)
     return 1
+
+
+def runner_main(run, parse_args, argv=None) -> int:
+    """A resumable runner's exit status: `run(parse_args(argv))`, 2 with one line for a UserError, 130
+    after Ctrl-C or SIGTERM (the same command resumes)."""
+    try:
+        return run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped; the same command resumes", file=sys.stderr)
+        return 130
