@@ -58,23 +58,14 @@ def config_from(ns):
 def run(ns) -> int:
     from runs.lifelong import report
     from runs.lifelong.plan import build_jobs
-    from runs.tables.jobs import print_plan, report_failures, run_recorded
+    from runs.tables.jobs import run_and_report
 
     cfg = config_from(ns)
-    jobs = build_jobs(cfg)
-    if ns.plan:
-        print_plan(jobs, cfg.jobs)
-        return 0
-    outcome, provenance = run_recorded(jobs, cfg.out_dir, cfg.jobs, not ns.no_progress, ns.report_only)
-    summary = report.collect(cfg)
-    path = report.write_summary(cfg, summary)
-    info = provenance | {"training seeds": list(cfg.seeds),
-                         "training": f"{cfg.train_steps} steps at batch {cfg.train_batch}, configs/liveedit/<backbone>.yaml",
-                         "data": "toy world, version 4" + (f", evaluations capped at {cfg.max_records} records"
-                                                           if cfg.max_records else "")}
-    doc = report.write_doc(cfg, summary, info)
-    print(f"wrote {path} and {doc}")
-    return report_failures(outcome)
+    details = {"training seeds": list(cfg.seeds),
+               "training": f"{cfg.train_steps} steps at batch {cfg.train_batch}, configs/liveedit/<backbone>.yaml",
+               "data": "toy world, version 4" + (f", evaluations capped at {cfg.max_records} records"
+                                                 if cfg.max_records else "")}
+    return run_and_report(cfg, build_jobs(cfg), report, ns, details)
 
 
 def main(argv=None) -> int:

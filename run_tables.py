@@ -101,27 +101,18 @@ def config_from(ns):
 
 def run(ns) -> int:
     from runs.tables import report
-    from runs.tables.jobs import print_plan, report_failures, run_recorded
+    from runs.tables.jobs import run_and_report
     from runs.tables.plan import build_jobs
 
     cfg = config_from(ns)
-    jobs = build_jobs(cfg)
-    if ns.plan:
-        print_plan(jobs, cfg.jobs)
-        return 0
-    outcome, provenance = run_recorded(jobs, cfg.out_dir, cfg.jobs, not ns.no_progress, ns.report_only)
-    summary = report.collect(cfg)
-    path = report.write_summary(cfg, summary)
-    doc_info = provenance | {
+    details = {
         "seeds": list(cfg.seeds), "points": list(cfg.points),
         "records per point": f"{cfg.records} (per-edit optimisers: {cfg.records_slow}); "
                              f"{cfg.records_max_point} at {max(cfg.points)} edits" if max(cfg.points) >= 1000
         else f"{cfg.records} (per-edit optimisers: {cfg.records_slow})",
         "training steps (batch 8, seed 0)": cfg.train_steps,
         "data": f"toy world, version {cfg.world_version}" if cfg.toy else cfg.data_name}
-    doc = report.write_doc(cfg, summary, doc_info)
-    print(f"wrote {path} and {doc}")
-    return report_failures(outcome)
+    return run_and_report(cfg, build_jobs(cfg), report, ns, details)
 
 
 def main(argv=None) -> int:

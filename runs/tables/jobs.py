@@ -202,6 +202,20 @@ def report_failures(outcome: Outcome | None) -> int:
     return 1
 
 
+def run_and_report(cfg, jobs: list[Job], report, ns, details: dict) -> int:
+    """What both runners do with their plan: print it (`--plan`), or run its jobs (unless `--report_only`),
+    then `report.collect` / `write_summary` / `write_doc` with the run's provenance and `details`."""
+    if ns.plan:
+        print_plan(jobs, cfg.jobs)
+        return 0
+    outcome, provenance = run_recorded(jobs, cfg.out_dir, cfg.jobs, not ns.no_progress, ns.report_only)
+    summary = report.collect(cfg)
+    path = report.write_summary(cfg, summary)
+    doc = report.write_doc(cfg, summary, provenance | details)
+    print(f"wrote {path} and {doc}")
+    return report_failures(outcome)
+
+
 def runner_main(run, parse_args, argv=None) -> int:
     """A resumable runner's exit status: `run(parse_args(argv))`, 2 with one line for a UserError, 130
     after Ctrl-C or SIGTERM (the same command resumes)."""
