@@ -63,7 +63,7 @@ def test_the_command_on_a_tiny_world(tmp_path):
     look = out / "lookalike" / "toyworld"
     assert json.loads((look / "eval.json").read_text()) == json.loads((data / "toyworld" / "lookalike.json").read_text())
     text = doc.read_text()
-    assert text.startswith("# notes written by hand") and "<!-- lifelong-results:start -->" in text
+    assert text.startswith("# notes written by hand") and "<!-- out-results:start -->" in text
     assert "| -sen 4, 4 records |" in text and "--lifelong -sen 4 over 4, after 1 |" in text
     assert (tmp_path / "figures" / "lifelong-tiny-blip2.png").stat().st_size > 1000
     # a second call runs nothing and rewrites only the results section
@@ -73,4 +73,4 @@ def test_the_command_on_a_tiny_world(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert os.path.getmtime(out / "logs" / "train-tiny-blip2-s1.log") == log_time
     again = doc.read_text()
-    assert "KEEP ME" in again and again.count("<!-- lifelong-results:start -->") == 1
+    assert "KEEP ME" in again and again.count("<!-- out-results:start -->") == 1

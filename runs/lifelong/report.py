@@ -1,5 +1,5 @@
-"""From the finished cells of `run_lifelong.py` to `summary.json`, a figure and the results section of
-docs/LIFELONG.md (between its results markers; the rest of that file is written by hand).
+"""From the finished cells of `run_lifelong.py` to `summary.json`, a figure and the run's results section
+of docs/LIFELONG.md (between markers named after the run's folder; the rest is written by hand).
 
 An entry is the mean over training seeds with the sample standard deviation (`runs.tables.report._entry`),
 plus the routing diagnostics averaged over the seeds. The lifelong curve is averaged point by point.
@@ -14,7 +14,14 @@ from utils.io import read_json, write_json_atomic, write_text_atomic
 from runs.lifelong.plan import UNEDITED_EVALUATION, LifelongConfig, eval_cell
 from runs.tables.report import LABELS, METRIC_KEYS, _entry
 
-RESULTS_START, RESULTS_END = "<!-- lifelong-results:start -->", "<!-- lifelong-results:end -->"
+
+def markers(cfg: LifelongConfig) -> tuple[str, str]:
+    """The results section's markers, named after the run's folder: two runs (say, tiny-blip2 with three
+    seeds and the other backbones with one) keep one section each in the same doc."""
+    name = os.path.basename(os.path.normpath(cfg.out_dir))
+    return f"<!-- {name}-results:start -->", f"<!-- {name}-results:end -->"
+
+
 # (column label, routing group, field) of the diagnostics printed beside the metrics
 ROUTING = (("selected / query (Rel)", "rel", "selected_mean"), ("p95", "rel", "selected_p95"),
            ("own weight (Rel)", "rel", "own_weight"), ("own selected (M-Gen)", "m_gen", "own_selected"),
@@ -140,9 +147,10 @@ def results_section(cfg: LifelongConfig, summary: dict, info: dict) -> list[str]
 
 def write_doc(cfg: LifelongConfig, summary: dict, info: dict) -> str:
     """Replace the results section of `cfg.doc_path` (a new file holds only that section)."""
+    start, end = markers(cfg)
     old = open(cfg.doc_path).read() if os.path.isfile(cfg.doc_path) else ""
-    before, after = (old.split(RESULTS_START, 1)[0], old.split(RESULTS_END, 1)[1]) if RESULTS_START in old and \
-        RESULTS_END in old else (old + ("\n" if old else "") + "## Results of `run_lifelong.py`\n\n", "\n")
+    before, after = (old.split(start, 1)[0], old.split(end, 1)[1]) if start in old and end in old else \
+        (old + ("\n" if old else "") + f"## Results of `run_lifelong.py --out_dir {cfg.out_dir}`\n\n", "\n")
     body = "\n".join(results_section(cfg, summary, info))
-    write_text_atomic(cfg.doc_path, f"{before}{RESULTS_START}\n{body}\n{RESULTS_END}{after}")
+    write_text_atomic(cfg.doc_path, f"{before}{start}\n{body}\n{end}{after}")
     return cfg.doc_path
