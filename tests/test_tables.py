@@ -136,3 +136,22 @@ def test_bad_flags_and_a_too_small_world_are_one_error_line(tmp_path):
     small = _run(["-m", "runs.tables.stage", "world", "--data_dir", str(tmp_path), "--need_eval", "1000"])
     assert small.returncode == 2 and "has 8 eval records, the tables need 1000" in small.stderr
     assert (tmp_path / "toyworld" / "eval.json").is_file()  # kept, never replaced
+
+
+def test_a_runner_killed_outright_keeps_the_time_of_its_finished_jobs(tmp_path):
+    # job "slow" sleeps 1 s and finishes; job "kill" then SIGKILLs the runner itself (no finally runs)
+    done = str(tmp_path / "slow.done")
+    script = f"""
+import signal, sys
+from runs.tables.jobs import run_recorded
+from runs.tables.plan import Job
+slow = Job("slow", [sys.executable, "-c", "import time; time.sleep(1); open({done!r}, 'w').write('{{}}')"], {done!r})
+kill = Job("kill", [sys.executable, "-c", "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"],
+           {str(tmp_path / 'never')!r}, deps=("slow",))
+run_recorded([slow, kill], {str(tmp_path)!r}, 1, show_progress=False)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["wall_s_all_calls"] >= 1.0 and info["command"].startswith("python ") and len(info["commits"]) == 1
+    assert list(json.loads((tmp_path / "jobs.json").read_text())) == ["slow"]

@@ -72,8 +72,10 @@ class Outcome:
     blocked: list[str] = field(default_factory=list)           # never started: a dependency failed
 
 
-def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = True) -> Outcome:
-    """Run every unfinished job of `jobs` (in dependency order, `workers` at once)."""
+def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = True,
+             on_job_end=None) -> Outcome:
+    """Run every unfinished job of `jobs` (in dependency order, `workers` at once); `on_job_end()` is
+    called after each job ends (the run's accounting, so that a killed runner loses little of it)."""
     ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
     logs = os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -116,6 +118,8 @@ def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = 
                 else:
                     outcome.failed[name] = os.path.join(logs, f"{name}.log")
                     bar.write(f"FAILED {name} (exit {proc.returncode}): see {outcome.failed[name]}")
+                if on_job_end:
+                    on_job_end()
     except KeyboardInterrupt:
         for _, proc, _ in running.values():
             proc.send_signal(signal.SIGTERM)
@@ -175,16 +179,20 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
     info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
     info.setdefault("commits", [])
     command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    outcome, start = None, time.time()
+    outcome, start, earlier = None, time.time(), info["wall_s_all_calls"]
+
+    def account() -> None:  # after every job, so that a runner killed outright loses little time
+        info["wall_s_all_calls"] = round(earlier + time.time() - start, 1)
+        write_json_atomic(info_path, info)
+
     if not report_only:
         info.setdefault("command", command)  # a resume repeats the first command
         if commit() not in info["commits"]:
             info["commits"].append(commit())
         try:
-            outcome = run_jobs(jobs, out_dir, workers, show_progress=show_progress)
+            outcome = run_jobs(jobs, out_dir, workers, show_progress=show_progress, on_job_end=account)
         finally:
-            info["wall_s_all_calls"] = round(info["wall_s_all_calls"] + time.time() - start, 1)
-            write_json_atomic(info_path, info)
+            account()
     provenance = {"command": info.get("command", command), "commit of this call": commit(),
                   "commits the jobs ran at": ", ".join(info["commits"]) or "-", "machine": machine(),
                   "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
