@@ -108,7 +108,7 @@ def test_the_world_version_picks_the_recipe(tmp_path):
     default = P.config_for("tiny-blip2")
     assert P.config_for("tiny-blip2", 3) == default and P.config_for("tiny-llava", 4) == P.config_for("tiny-llava")
     v4 = P.config_for("tiny-blip2", 4)
-    assert (v4.spec.patch_size, v4.spec.vision_hidden_size, v4.spec.vision_layers, v4.vision_steps) == (4, 128, 4, 3000)
+    assert (v4.spec.patch_size, v4.spec.vision_hidden_size, v4.spec.vision_layers, v4.vision_steps) == (4, 128, 4, 6000)
     assert v4.spec.hidden_size == default.spec.hidden_size and v4.steps == default.steps
     assert P.config_for("tiny-blip2", 4, vision_steps=7).vision_steps == 7   # explicit changes still win
     assert P.recipe_key(v4) != P.recipe_key(default)
