@@ -12,7 +12,7 @@ import statistics
 from utils.io import read_json, write_json_atomic, write_text_atomic
 
 from runs.lifelong.plan import UNEDITED_EVALUATION, LifelongConfig, eval_cell
-from runs.tables.report import LABELS, METRIC_KEYS, _entry
+from runs.tables.report import LABELS, METRIC_KEYS, _entry, metrics_mean_std
 
 
 def markers(cfg: LifelongConfig) -> tuple[str, str]:
@@ -43,7 +43,7 @@ def _curve(cells: list[dict]) -> list[dict]:
     common = sorted(set.intersection(*(set(b) for b in by_edits)))
     points = []
     for n in common:
-        entry = _entry([{**b[n], "seed": i, "edit_s": None, "peak_mb": 0, "records": None} for i, b in enumerate(by_edits)])
+        entry = metrics_mean_std([b[n] for b in by_edits])
         points.append({"edits": n, **{k: entry[k] for k in METRIC_KEYS}, "std": entry["std"],
                        "routing": _routing_mean([b[n].get("routing") for b in by_edits])})
     return points

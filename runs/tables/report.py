@@ -23,13 +23,20 @@ NAMES = {"ft_l": "FT-L", "ft_m": "FT-M", "mend_vl": "MEND", "serac_vl": "SERAC",
 ANALYSIS_START, ANALYSIS_END = "<!-- analysis:start -->", "<!-- analysis:end -->"
 
 
-def _entry(cells: list[dict]) -> dict:
-    """Mean ± std over seeds of one (backbone, row, edits)."""
+def metrics_mean_std(cells: list[dict]) -> dict:
+    """The five metrics and Avg (the mean of the five per cell), each the mean over cells, and their
+    sample std over cells under "std" (0 for a single cell)."""
     per_seed = {key: [c[key] for c in cells] for key in METRIC_KEYS}
     per_seed["avg"] = [statistics.fmean(c[key] for key in METRIC_KEYS) for c in cells]
     spread = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
     entry = {key: round(statistics.fmean(xs), 4) for key, xs in per_seed.items()}
     entry["std"] = {key: round(spread(xs), 4) for key, xs in per_seed.items()}
+    return entry
+
+
+def _entry(cells: list[dict]) -> dict:
+    """Mean ± std over seeds of one (backbone, row, edits)."""
+    entry = metrics_mean_std(cells)
     edit_times = [c["edit_s"] for c in cells if c.get("edit_s") is not None]
     entry["edit_s"] = round(statistics.fmean(edit_times), 5) if edit_times else None
     entry["peak_mb"] = round(max(c["peak_mb"] for c in cells), 1)

@@ -84,12 +84,11 @@ def lookalike(ns) -> None:
         raise UserError(f"{source} has no lookalike.json: the look-alike split comes with toy worlds of version 4")
     target = os.path.join(ns.out, "toyworld")
     os.makedirs(target, exist_ok=True)
-    for name in os.listdir(source):
-        link = os.path.join(target, "eval.json" if name == "lookalike.json" else name)
-        if name != "eval.json" and not os.path.lexists(link):
-            os.symlink(os.path.join(source, name), link)
-    if not os.path.lexists(os.path.join(target, "eval.json")):
-        os.symlink(os.path.join(source, "lookalike.json"), os.path.join(target, "eval.json"))
+    links = {name: name for name in os.listdir(source) if name not in ("eval.json", "lookalike.json")}
+    links["eval.json"] = "lookalike.json"
+    for name, points_to in links.items():
+        if not os.path.lexists(os.path.join(target, name)):
+            os.symlink(os.path.join(source, points_to), os.path.join(target, name))
 
 
 def retriever(ns) -> None:
