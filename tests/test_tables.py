@@ -45,6 +45,44 @@ def test_runner_skips_finished_reruns_changed_and_blocks_dependants(tmp_path):
     assert run_jobs(jobs, out, workers=1, show_progress=False).ran == []
 
 
+def test_a_clone_with_only_the_results_reruns_what_an_unfinished_result_needs(tmp_path):
+    # git keeps the cells and jobs.json, not the trained editor: on another machine, a training is run
+    # again only for a cell it still owes, and never for cells that are finished
+    out = str(tmp_path)
+    marks = {n: str(tmp_path / f"{n}.done") for n in ("world", "train", "cell1", "cell2", "cell3")}
+    jobs = [Job("world", _writer(marks["world"]), marks["world"]),
+            Job("train", _writer(marks["train"]), marks["train"], deps=("world",)),
+            Job("cell1", _writer(marks["cell1"]), marks["cell1"], deps=("train",)),
+            Job("cell2", _writer(marks["cell2"]), marks["cell2"], deps=("train",)),
+            Job("cell3", _writer(marks["cell3"]), marks["cell3"], deps=("world",))]
+    assert sorted(run_jobs(jobs, out, workers=2, show_progress=False).ran) == sorted(marks)
+    for name in ("world", "train"):  # what a clone lacks
+        os.remove(marks[name])
+    clone = run_jobs(jobs, out, workers=2, show_progress=False)
+    assert clone.ran == [] and sorted(clone.skipped) == sorted(marks)
+    assert not os.path.exists(marks["train"])
+    os.remove(marks["cell2"])  # a cell still owed: its training and the world are run again, cell1 is not
+    again = run_jobs(jobs, out, workers=2, show_progress=False)
+    assert again.ran == ["world", "train", "cell2"] and sorted(again.skipped) == ["cell1", "cell3"]
+
+
+def test_plan_marks_finished_and_unneeded_jobs(tmp_path, capsys):
+    from runs.tables.jobs import print_plan
+
+    out = str(tmp_path)
+    marks = {n: str(tmp_path / f"{n}.done") for n in ("train", "cell1", "cell2")}
+    jobs = [Job("train", _writer(marks["train"]), marks["train"], cost_s=3600),
+            Job("cell1", _writer(marks["cell1"]), marks["cell1"], deps=("train",), cost_s=3600),
+            Job("cell2", _writer(marks["cell2"]), marks["cell2"], cost_s=3600)]
+    run_jobs(jobs[:2], out, workers=1, show_progress=False)
+    os.remove(marks["train"])
+    print_plan(jobs, out, workers=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == ["-", "train"] and lines[1].split()[2:] == ["done", "cell1"]
+    assert lines[2].split()[2:] == ["cell2"]
+    assert lines[3].startswith("3 jobs, 1 left to run, about 1.0 h with 1 at once")
+
+
 def test_entry_is_mean_and_sample_std_over_seeds():
     cells = [{"rel": 1.0, "t_gen": 0.5, "m_gen": 0.5, "t_loc": 1.0, "m_loc": 1.0, "edit_s": 0.1, "peak_mb": 300,
               "records": 4, "seed": 0},

@@ -10,10 +10,11 @@ import subprocess
 
 
 def commit() -> str:
-    """The short hash of HEAD, marked when tracked files have uncommitted changes."""
+    """The short hash of HEAD, marked when tracked files outside records/ have uncommitted changes (the
+    runners' results under records/ change as their jobs finish)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!records"], capture_output=True, text=True).stdout
         return head + (" (with uncommitted changes)" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"

@@ -7,6 +7,10 @@ changes and every job that used their output (a ledger written before fingerprin
 A failed job is reported with its log and its dependants are skipped; the others go on.
 Ctrl-C / SIGTERM stops the children (trainings save their last step, evaluations keep their
 finished chunks), so the same command resumes.
+
+Only the results are kept in git (the cells, `jobs.json`, `run_info.json`; see records/README.md), so a
+run can be resumed on another machine from a clone: there the world, the backbones and the trained
+editors are missing, and a job is run only when an unfinished result needs it (`needed_jobs`).
 """
 from __future__ import annotations
 
@@ -64,10 +68,27 @@ class Ledger:
         write_json_atomic(self.path, self.done)
 
 
+def needed_jobs(jobs: list[Job], finished: set[str]) -> list[Job]:
+    """The unfinished jobs that lead to an unfinished result, in the plan's order. A result is a job that
+    no other job waits for (a table cell); an unfinished job is needed when it is such a result or when a
+    needed job waits for it. So a training whose cells are all finished is not rerun where its checkpoint
+    is missing (a resumed clone), and one with a cell left is."""
+    dependants: dict[str, list[str]] = {job.name: [] for job in jobs}
+    for job in jobs:
+        for dep in job.deps:
+            dependants[dep].append(job.name)
+    needed: set[str] = set()
+    for job in reversed(jobs):  # dependants come after what they wait for
+        if job.name not in finished and (not dependants[job.name]
+                                         or any(d in needed for d in dependants[job.name])):
+            needed.add(job.name)
+    return [job for job in jobs if job.name in needed]
+
+
 @dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)           # finished, or not needed by an unfinished result
     failed: dict[str, str] = field(default_factory=dict)       # job -> its log
     blocked: list[str] = field(default_factory=list)           # never started: a dependency failed
 
@@ -79,9 +100,11 @@ def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = 
     ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
     logs = os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    outcome = Outcome(skipped=[j.name for j in jobs if ledger.finished(j)])
-    done = set(outcome.skipped)
-    pending = [j for j in jobs if j.name not in done]
+    done = {j.name for j in jobs if ledger.finished(j)}
+    pending = needed_jobs(jobs, done)
+    names = {j.name for j in pending}
+    outcome = Outcome(skipped=[j.name for j in jobs if j.name not in names])
+    done |= set(outcome.skipped)  # what a needed job waits for is finished, or needed itself
     bar = _progress(pending, show_progress)
     running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
     env = os.environ | CHILD_ENV
@@ -162,22 +185,30 @@ class _StopFlag:
 
 
 # ---- a whole run: the plan, the jobs with their provenance, the failures ------------------------
-def print_plan(jobs: list[Job], workers: int) -> None:
+def print_plan(jobs: list[Job], out_dir: str, workers: int) -> None:
+    """Every job with its estimated seconds; `done` marks the finished ones and `-` those no unfinished
+    result needs; the estimate counts the jobs left to run."""
+    ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
+    left = needed_jobs(jobs, {j.name for j in jobs if ledger.finished(j)})
+    names = {j.name for j in left}
     for job in jobs:
-        print(f"{job.cost_s:8.0f} s  {job.name}")
-    print(f"{len(jobs)} jobs, about {sum(j.cost_s for j in jobs) / 3600 / workers:.1f} h with {workers} at once "
-          f"(rough CPU estimate)")
+        state = "" if job.name in names else ("done" if ledger.finished(job) else "-")
+        print(f"{job.cost_s:8.0f} s  {state:4}  {job.name}")
+    print(f"{len(jobs)} jobs, {len(left)} left to run, about {sum(j.cost_s for j in left) / 3600 / workers:.1f} h "
+          f"with {workers} at once (rough CPU estimate)")
 
 
 def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: bool,
                  report_only: bool = False) -> tuple[Outcome | None, dict]:
     """`run_jobs` (unless `report_only`), accounted in `<out_dir>/run_info.json`: the run's first command,
-    every commit its jobs ran at (a resumed run may span commits) and the wall time of all its calls.
+    every commit its jobs ran at and machine they ran on (a resumed run may span both) and the wall time of
+    all its calls.
     Returns the outcome and the provenance lines of the run's doc."""
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, "run_info.json")
     info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
     info.setdefault("commits", [])
+    info.setdefault("machines", [])
     command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     outcome, start, earlier = None, time.time(), info["wall_s_all_calls"]
 
@@ -187,14 +218,16 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
 
     if not report_only:
         info.setdefault("command", command)  # a resume repeats the first command
-        if commit() not in info["commits"]:
-            info["commits"].append(commit())
+        for key, value in (("commits", commit()), ("machines", machine())):
+            if value not in info[key]:
+                info[key].append(value)
         try:
             outcome = run_jobs(jobs, out_dir, workers, show_progress=show_progress, on_job_end=account)
         finally:
             account()
     provenance = {"command": info.get("command", command), "commit of this call": commit(),
-                  "commits the jobs ran at": ", ".join(info["commits"]) or "-", "machine": machine(),
+                  "commits the jobs ran at": ", ".join(info["commits"]) or "-",
+                  "machines the jobs ran on": "; ".join(info["machines"]) or machine(),
                   "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
                   "jobs at once": workers}
     return outcome, provenance
@@ -214,7 +247,7 @@ def run_and_report(cfg, jobs: list[Job], report, ns, details: dict) -> int:
     """What both runners do with their plan: print it (`--plan`), or run its jobs (unless `--report_only`),
     then `report.collect` / `write_summary` / `write_doc` with the run's provenance and `details`."""
     if ns.plan:
-        print_plan(jobs, cfg.jobs)
+        print_plan(jobs, cfg.out_dir, cfg.jobs)
         return 0
     outcome, provenance = run_recorded(jobs, cfg.out_dir, cfg.jobs, not ns.no_progress, ns.report_only)
     summary = report.collect(cfg)
