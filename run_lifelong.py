@@ -11,7 +11,8 @@ training evaluated over the eval split in the file's order: -sen 1 (500 records)
 100, 1,000 and 2,000 edits) and the look-alike stress split at -sen 1000; the unedited backbone once.
 Writes <out_dir>/summary.json (mean ± std over seeds, routing diagnostics, the lifelong curve), the
 results section of docs/LIFELONG.md and docs/figures/lifelong-<backbone>.png. Stages are cached: the
-same command resumes after a stop; logs of every job in <out_dir>/logs/.
+same command resumes after a stop, also in a clone on another machine (the cells, jobs.json and
+run_info.json are kept in git: records/README.md); logs of every job in <out_dir>/logs/.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ Stages (each cached: rerun the same command to resume after a stop or a failure)
                                                         -> <out_dir>/eval/, <out_dir>/cells/
 5. <out_dir>/summary.json, docs/TABLES.md and docs/figures/tables-<backbone>.png
 Logs of every job: <out_dir>/logs/<job>.log (its first line is the command).
+The cells, the ledger (jobs.json) and run_info.json are kept in git, so a clone on another machine
+resumes the run: only what an unfinished cell needs is rebuilt there (records/README.md).
 """
 from __future__ import annotations
 
