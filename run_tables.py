@@ -34,7 +34,8 @@ def parse_args(argv=None):
     d = TablesConfig.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="one seed, tiny-blip2, 1 and 100 edits, 200 records, short trainings, no ablations; "
+                   help="one seed, tiny-blip2, 1 and 100 edits, 200 records, short trainings and pretraining "
+                        "(1,000 phase-1 steps), no ablations; "
                         "writes under records/tables-quick/ (its TABLES.md too) unless given")
     p.add_argument("--plan", action="store_true", help="print the jobs and the estimated time; run nothing")
     p.add_argument("--report_only", action="store_true", help="rewrite summary.json and the doc from finished cells")
@@ -113,6 +114,7 @@ def run(ns) -> int:
                              f"{cfg.records_max_point} at {max(cfg.points)} edits" if max(cfg.points) >= 1000
         else f"{cfg.records} (per-edit optimisers: {cfg.records_slow})",
         "training steps (batch 8, seed 0)": cfg.train_steps,
+        "pretraining phase-1 steps": cfg.pretrain_vision_steps or "the backbone's recipe (runs/pretrain.py)",
         "data": f"toy world, version {cfg.world_version}" if cfg.toy else cfg.data_name}
     return run_and_report(cfg, build_jobs(cfg), report, ns, details)
 

@@ -114,6 +114,12 @@ def test_plan_counts_and_checks():
     # a pretraining job names its recipe, so a changed recipe reruns it and all that used its backbone
     pre = next(j for j in jobs if j.name == "pretrain-tiny-blip2")
     assert pre.argv[pre.argv.index("--recipe") + 1] == recipe_key(config_for("tiny-blip2", cfg.world_version))
+    assert "--vision_steps" not in pre.argv
+    # --quick pretrains with the default recipe's 1,000 phase-1 steps: another recipe, another cache entry
+    quick = next(j for j in build_jobs(TablesConfig.quick_defaults()) if j.kind == "pretrain")
+    assert quick.argv[quick.argv.index("--vision_steps") + 1] == "1000"
+    assert quick.argv[quick.argv.index("--recipe") + 1] == recipe_key(
+        config_for("tiny-blip2", cfg.world_version, vision_steps=1000)) != recipe_key(config_for("tiny-blip2", 4))
     with pytest.raises(UserError, match="fewer records than edits"):
         TablesConfig(records=50, points=(1, 100))
     with pytest.raises(UserError, match="ablation"):

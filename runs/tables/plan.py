@@ -31,6 +31,7 @@ UNEDITED = "none"
 # measured on the toy world; --quick scales them down.
 FULL_TRAIN_STEPS = {"liveedit": 6000, "mend_vl": 500, "serac_vl": 1000, "recipe_vl": 600, "lte_vl": 600}
 QUICK_TRAIN_STEPS = {"liveedit": 1500, "mend_vl": 200, "serac_vl": 300, "recipe_vl": 200, "lte_vl": 200}
+QUICK_VISION_STEPS = 1000  # --quick's phase-1 pretraining steps (runs/pretrain.py PretrainConfig's default)
 
 
 LTE_RETRIEVER = "tiny-mpnet"
@@ -86,6 +87,9 @@ class TablesConfig:
     world_version: int = 4
     pretrain: bool = True
     """Pretrain the tiny backbones on the toy world (False: their random weights; tests only)."""
+    pretrain_vision_steps: int | None = None
+    """Phase-1 (vision) pretraining steps instead of the backbone's recipe (None: the recipe's;
+    --quick: 1,000, the default recipe's, since the v4 recipe's 6,000 alone take about 27 minutes)."""
     data_name: str = "TOY"
     """The data set (-dna / -dn): TOY, or EVQA / EIC / VLKEB under data_dir for the real backbones."""
     device: str = "cpu"
@@ -118,7 +122,8 @@ class TablesConfig:
     def quick_defaults(cls, **changes) -> "TablesConfig":
         """--quick: one seed, the first backbone, 1 and 100 edits, no ablations, short trainings."""
         base = dict(backbones=("tiny-blip2",), points=(1, 100), seeds=(0,), ablations=(), records=200,
-                    records_slow=200, train_steps=dict(QUICK_TRAIN_STEPS), quick=True)
+                    records_slow=200, train_steps=dict(QUICK_TRAIN_STEPS), pretrain_vision_steps=QUICK_VISION_STEPS,
+                    quick=True)
         return cls(**(base | changes))
 
     def records_for(self, editor: str, point: int) -> int:
@@ -184,9 +189,11 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
                 world_marker(cfg.data_dir), cost_s=60, kind="world")]
     for backbone in cfg.backbones:
         if cfg.pretrained(backbone):
+            steps = cfg.pretrain_vision_steps
             jobs.append(Job(f"pretrain-{backbone}", _python("-m", "runs.tables.stage", "pretrain", "--backbone", backbone,
                                                             "--data_dir", cfg.data_dir, "--records", cfg.out_dir,
-                                                            "--recipe", pretrain_recipe(backbone, cfg.world_version)),
+                                                            "--recipe", pretrain_recipe(backbone, cfg.world_version, steps),
+                                                            *(["--vision_steps", str(steps)] if steps else [])),
                             backbone_marker(cfg.out_dir, backbone), deps=("world",), cost_s=300, kind="pretrain", meta={"backbone": backbone}))
     if "lte_vl" in cfg.editors and cfg.toy:
         jobs.append(Job("retriever", _python("-m", "runs.tables.stage", "retriever", "--data_dir", cfg.data_dir,
@@ -218,11 +225,12 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
     return jobs
 
 
-def pretrain_recipe(backbone: str, world_version: int) -> str:
-    """The pretraining config's hash for this backbone and world version (`runs.pretrain.recipe_key`)."""
+def pretrain_recipe(backbone: str, world_version: int, vision_steps: int | None = None) -> str:
+    """The pretraining config's hash for this backbone and world version (`runs.pretrain.recipe_key`),
+    with `vision_steps` phase-1 steps when given."""
     from runs.pretrain import config_for, recipe_key
 
-    return recipe_key(config_for(backbone, world_version))
+    return recipe_key(config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {})))
 
 
 def _backbone_args(cfg: TablesConfig, backbone: str) -> list[str]:

@@ -66,7 +66,7 @@ def pretrain(ns) -> None:
 
     start = time.time()
     world = os.path.join(ns.data_dir, "toyworld")
-    cfg = config_for_world(ns.backbone, world)
+    cfg = config_for_world(ns.backbone, world, **({"vision_steps": ns.vision_steps} if ns.vision_steps else {}))
     if ns.recipe and recipe_key(cfg) != ns.recipe:
         raise UserError(f"the pretraining recipe of {ns.backbone} for the toy world in {world} is {recipe_key(cfg)}, "
                         f"the plan expected {ns.recipe}: the world there is of another version than the plan's")
@@ -196,6 +196,8 @@ def parse_args(argv=None):
         if kind == "pretrain":
             p.add_argument("--backbone", required=True)
             p.add_argument("--recipe", default=None, help="the pretraining config hash the plan expects")
+            p.add_argument("--vision_steps", type=int, default=None,
+                           help="phase-1 steps instead of the recipe's (run_tables.py --quick)")
     p = kinds.add_parser("train")
     for name in ("--backbone", "--editor", "--data_dir", "--records"):
         p.add_argument(name, required=True)
