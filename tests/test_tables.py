@@ -151,6 +151,8 @@ def test_quick_on_a_tiny_subset(tmp_path):
     text = doc.read_text()
     assert "Table 1" in text and "| 2 | **LiveEdit** |" in text and "<!-- analysis:start -->" in text
     assert "| LiveEdit HR* |" in text and "Table 2" in text
+    # unedited 1 + 3 editors x 2 points + 1 ablation, one seed
+    assert "- cells finished: 8 of 8\n" in text
     assert (tmp_path / "figures" / "tables-tiny-blip2.png").stat().st_size > 1000
     ledger = json.loads((out / "jobs.json").read_text())
     assert "train-tiny-blip2-serac_vl" in ledger and "eval-tiny-blip2-ft_l-2-s0" in ledger

@@ -65,6 +65,13 @@ def collect(cfg: TablesConfig) -> dict:
     return summary
 
 
+def cells_finished(cfg: TablesConfig) -> tuple[int, int]:
+    """(finished, all) table cells of the run: one per backbone, row, point and seed."""
+    paths = [cell_path(cfg.out_dir, backbone, row, point, seed) for backbone in cfg.backbones
+             for row, points in rows_of(cfg, backbone) for point in points for seed in cfg.seeds]
+    return sum(os.path.isfile(p) for p in paths), len(paths)
+
+
 def write_summary(cfg: TablesConfig, summary: dict) -> str:
     path = os.path.join(cfg.out_dir, "summary.json")
     write_json_atomic(path, summary)
@@ -190,6 +197,9 @@ def write_doc(cfg: TablesConfig, summary: dict, info: dict) -> str:
              "in percent (the paper's metric), mean over evaluation seeds, Avg ± sample std over seeds.", "",
              "## This run", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
+    done, total = cells_finished(cfg)
+    lines.append(f"- cells finished: {done} of {total}" + ("" if done == total else
+                 " (the run is not complete: a point is shown once all its seeds are finished)"))
     lines += ["", "## Table 1: every editor at 1 to 1,000 sequential edits", ""]
     for backbone in cfg.backbones:
         lines += table1(cfg, summary, backbone)
