@@ -103,12 +103,13 @@ def test_ensure_pretrained_caches_and_reloads(world, name, tmp_path, monkeypatch
 
 
 def test_the_world_version_picks_the_recipe(tmp_path):
-    """Version 4's tiny-blip2 gets the finer vision tower (WORLD_OVERRIDES); version 3 (the demo's) and the
-    other backbones keep the defaults; a folder's manifest says which version it is."""
+    """Version 4's tiny-blip2 and tiny-minigpt4 get the finer vision tower (WORLD_OVERRIDES); version 3 (the
+    demo's) and tiny-llava keep the defaults; a folder's manifest says which version it is."""
     default = P.config_for("tiny-blip2")
     assert P.config_for("tiny-blip2", 3) == default and P.config_for("tiny-llava", 4) == P.config_for("tiny-llava")
     v4 = P.config_for("tiny-blip2", 4)
     assert (v4.spec.patch_size, v4.spec.vision_hidden_size, v4.spec.vision_layers, v4.vision_steps) == (4, 128, 4, 6000)
+    assert P.config_for("tiny-minigpt4", 4) == v4 and P.config_for("tiny-minigpt4", 3) == P.config_for("tiny-minigpt4")
     assert v4.spec.hidden_size == default.spec.hidden_size and v4.steps == default.steps
     assert P.config_for("tiny-blip2", 4, vision_steps=7).vision_steps == 7   # explicit changes still win
     assert P.recipe_key(v4) != P.recipe_key(default)
