@@ -85,6 +85,12 @@ def needed_jobs(jobs: list[Job], finished: set[str]) -> list[Job]:
     return [job for job in jobs if job.name in needed]
 
 
+def unfinished(jobs: list[Job], ledger: Ledger) -> tuple[set[str], list[Job]]:
+    """(names of the finished jobs, the jobs left to run: `needed_jobs`)."""
+    finished = {j.name for j in jobs if ledger.finished(j)}
+    return finished, needed_jobs(jobs, finished)
+
+
 @dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
@@ -100,8 +106,7 @@ def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = 
     ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
     logs = os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    done = {j.name for j in jobs if ledger.finished(j)}
-    pending = needed_jobs(jobs, done)
+    done, pending = unfinished(jobs, ledger)
     names = {j.name for j in pending}
     outcome = Outcome(skipped=[j.name for j in jobs if j.name not in names])
     done |= set(outcome.skipped)  # what a needed job waits for is finished, or needed itself
@@ -189,10 +194,10 @@ def print_plan(jobs: list[Job], out_dir: str, workers: int) -> None:
     """Every job with its estimated seconds; `done` marks the finished ones and `-` those no unfinished
     result needs; the estimate counts the jobs left to run."""
     ledger = Ledger.load(os.path.join(out_dir, "jobs.json"), jobs)
-    left = needed_jobs(jobs, {j.name for j in jobs if ledger.finished(j)})
+    finished, left = unfinished(jobs, ledger)
     names = {j.name for j in left}
     for job in jobs:
-        state = "" if job.name in names else ("done" if ledger.finished(job) else "-")
+        state = "" if job.name in names else ("done" if job.name in finished else "-")
         print(f"{job.cost_s:8.0f} s  {state:4}  {job.name}")
     print(f"{len(jobs)} jobs, {len(left)} left to run, about {sum(j.cost_s for j in left) / 3600 / workers:.1f} h "
           f"with {workers} at once (rough CPU estimate)")
