@@ -66,6 +66,18 @@ def test_a_clone_with_only_the_results_reruns_what_an_unfinished_result_needs(tm
     assert again.ran == ["world", "train", "cell2"] and sorted(again.skipped) == ["cell1", "cell3"]
 
 
+def test_ready_results_run_before_trainings(tmp_path):
+    # one worker: after the world, the cell that needs no training runs before the long training, so a
+    # stopped run leaves as few trainings as it can whose cells are still owed
+    out = str(tmp_path)
+    marks = {n: str(tmp_path / f"{n}.done") for n in ("world", "train", "cell_trained", "cell_alone")}
+    jobs = [Job("world", _writer(marks["world"]), marks["world"]),
+            Job("train", _writer(marks["train"]), marks["train"], deps=("world",), cost_s=500),
+            Job("cell_trained", _writer(marks["cell_trained"]), marks["cell_trained"], deps=("train",), cost_s=5),
+            Job("cell_alone", _writer(marks["cell_alone"]), marks["cell_alone"], deps=("world",), cost_s=5)]
+    assert run_jobs(jobs, out, workers=1, show_progress=False).ran == ["world", "cell_alone", "train", "cell_trained"]
+
+
 def test_plan_marks_finished_and_unneeded_jobs(tmp_path, capsys):
     from runs.tables.jobs import print_plan
 

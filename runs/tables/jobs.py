@@ -110,6 +110,9 @@ def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = 
     names = {j.name for j in pending}
     outcome = Outcome(skipped=[j.name for j in jobs if j.name not in names])
     done |= set(outcome.skipped)  # what a needed job waits for is finished, or needed itself
+    # results (table cells) before what only feeds other jobs, the longest first: a run stopped at a
+    # session's end then leaves few trainings whose cells are unfinished, which a clone would run again
+    waited_for = {dep for job in jobs for dep in job.deps}
     bar = _progress(pending, show_progress)
     running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
     env = os.environ | CHILD_ENV
@@ -123,7 +126,8 @@ def run_jobs(jobs: list[Job], out_dir: str, workers: int, show_progress: bool = 
                 pending.remove(job)
                 outcome.blocked.append(job.name)
                 bar.update(job.cost_s)
-            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -j.cost_s)
+            ready = sorted((j for j in pending if all(d in done for d in j.deps)),
+                           key=lambda j: (j.name in waited_for, -j.cost_s))
             for job in ready[:max(workers - len(running), 0)]:
                 pending.remove(job)
                 log = open(os.path.join(logs, f"{job.name}.log"), "w")
