@@ -109,8 +109,9 @@ hold small shapes and marks that 8-pixel patches of a 96-wide, 3-layer tower do 
 scene from the others 3x as often and LiveEdit's reliability at 1,000 edits rises from 0.83 to 0.96
 (docs/LIFELONG.md, section 4); 6,000 phase-1 steps then lift shape / count recognition (0.56 / 0.83 ->
 0.72 / 0.91) and M-Gen at 1,000 edits from 0.78 to 0.84 (section 6). The same tower lifts
-tiny-minigpt4's reliability at 1,000 edits from 0.73 to 0.95 (section 8). tiny-llava keeps the default
-(it feeds one LM token per patch: 4-px patches quadruple its image tokens; not measured yet).
+tiny-minigpt4's reliability at 1,000 edits from 0.73 to 0.95 (section 8). tiny-llava keeps the default:
+it feeds one LM token per patch, so 4-px patches quadruple its image tokens, and with them LiveEdit's
+training on it did not converge (reliability 0.42 at one edit, section 9).
 The version-3 world (the demo's) keeps the defaults."""
 
 
