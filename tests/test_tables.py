@@ -11,7 +11,7 @@ import pytest
 
 from runs.data import draw_records
 from runs.pretrain import config_for, recipe_key
-from runs.tables.jobs import run_jobs
+from runs.tables.jobs import run_jobs, run_recorded
 from runs.tables.plan import Job, TablesConfig, build_jobs
 from runs.tables.report import _entry
 from utils.errors import UserError
@@ -211,5 +211,16 @@ run_recorded([slow, kill], {str(tmp_path)!r}, 1, show_progress=False)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["wall_s_all_calls"] >= 1.0 and info["command"].startswith("python ") and len(info["commits"]) == 1
+    assert info["wall_s_all_calls"] >= 1.0 and [c[:7] for c in info["commands"]] == ["python "] and len(info["commits"]) == 1
     assert list(json.loads((tmp_path / "jobs.json").read_text())) == ["slow"]
+
+
+def test_run_info_keeps_every_distinct_command(tmp_path, monkeypatch):
+    """A run split into subset calls (say --backbones tiny-blip2, then tiny-llava) names each call's command."""
+    for argv in (["run_tables.py", "--backbones", "tiny-blip2"], ["run_tables.py", "--backbones", "tiny-llava"],
+                 ["run_tables.py", "--backbones", "tiny-blip2"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        _, provenance = run_recorded([], str(tmp_path), 1, show_progress=False)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["commands"] == ["python run_tables.py --backbones tiny-blip2", "python run_tables.py --backbones tiny-llava"]
+    assert provenance["commands (every call's, first to last)"] == "; ".join(info["commands"])

@@ -209,13 +209,14 @@ def print_plan(jobs: list[Job], out_dir: str, workers: int) -> None:
 
 def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: bool,
                  report_only: bool = False) -> tuple[Outcome | None, dict]:
-    """`run_jobs` (unless `report_only`), accounted in `<out_dir>/run_info.json`: the run's first command,
+    """`run_jobs` (unless `report_only`), accounted in `<out_dir>/run_info.json`: the run's distinct commands,
     every commit its jobs ran at and machine they ran on (a resumed run may span both) and the wall time of
     all its calls.
     Returns the outcome and the provenance lines of the run's doc."""
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, "run_info.json")
     info = read_json(info_path) if os.path.isfile(info_path) else {"wall_s_all_calls": 0.0}
+    info.setdefault("commands", [info.pop("command")] if "command" in info else [])  # older files: the first one
     info.setdefault("commits", [])
     info.setdefault("machines", [])
     command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
@@ -226,15 +227,15 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
         write_json_atomic(info_path, info)
 
     if not report_only:
-        info.setdefault("command", command)  # a resume repeats the first command
-        for key, value in (("commits", commit()), ("machines", machine())):
+        for key, value in (("commands", command), ("commits", commit()), ("machines", machine())):
             if value not in info[key]:
                 info[key].append(value)
         try:
             outcome = run_jobs(jobs, out_dir, workers, show_progress=show_progress, on_job_end=account)
         finally:
             account()
-    provenance = {"command": info.get("command", command), "commit of this call": commit(),
+    provenance = {"commands (every call's, first to last)": "; ".join(info["commands"]) or command,
+                  "commit of this call": commit(),
                   "commits the jobs ran at": ", ".join(info["commits"]) or "-",
                   "machines the jobs ran on": "; ".join(info["machines"]) or machine(),
                   "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
