@@ -224,3 +224,43 @@ def test_run_info_keeps_every_distinct_command(tmp_path, monkeypatch):
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["commands"] == ["python run_tables.py --backbones tiny-blip2", "python run_tables.py --backbones tiny-llava"]
     assert provenance["commands (every call's, first to last)"] == "; ".join(info["commands"])
+
+
+def test_a_cell_on_another_backbone_starts_over_and_trainings_resume_only_their_own(tmp_path):
+    """A changed pretraining recipe gives the backbone another folder: a cell's earlier evaluation folder is
+    then stale and started over (an interrupted one on the same backbone resumes), and an earlier training
+    of the row is resumed only if it ran on the same backbone folder and editor config."""
+    import yaml
+
+    from editors.vllms import load_vllm, save_vllm
+    from runs.tables.plan import backbone_marker
+    from runs.tables.stage import _resumable
+    from toyworld.world import generate_toyworld
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    generate_toyworld(str(data / "toyworld"), n_train=4, n_eval=4, n_pretrain_scenes=2)
+    vllm = load_vllm("tiny-blip2")
+    folders = [str(tmp_path / "old-recipe"), str(tmp_path / "new-recipe")]
+    cell = out / "cells" / "tiny-blip2" / "none" / "1-s0.json"
+    for folder in folders:
+        save_vllm(vllm, folder)
+        os.makedirs(os.path.dirname(backbone_marker(str(out), "tiny-blip2")), exist_ok=True)
+        with open(backbone_marker(str(out), "tiny-blip2"), "w") as f:
+            json.dump({"folder": folder}, f)
+        proc = _run(["-m", "runs.tables.stage", "eval", "--backbone", "tiny-blip2", "--editor", "none", "--row", "none",
+                     "--edits", "1", "--records", "2", "--seed", "0", "--data_dir", str(data), "--out", str(out),
+                     "--pretrained"], env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results = json.loads(cell.read_text())["results"]
+        identity = json.loads(open(os.path.join(results, "mean_results.json")).read())["run"]["identity"]
+        assert identity["backbone_source"] == folder
+    assert "starting over" in proc.stderr  # the second call found the first one's results
+
+    run = tmp_path / "runs" / "liveedit-2026.01.01-00.00.00"
+    os.makedirs(run / "checkpoints")
+    (run / "checkpoints" / "latest").write_text("step-2")
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"model_path": folders[0], "config_path": None}}))
+    assert _resumable(str(run), folders[0], None)
+    assert not _resumable(str(run), folders[1], None) and not _resumable(str(run), folders[0], "other.yaml")
+    os.remove(run / "checkpoints" / "latest")
+    assert not _resumable(str(run), folders[0], None)  # nothing saved yet: nothing to resume

@@ -15,6 +15,7 @@ peak memory and the command that reproduces it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -129,12 +130,13 @@ def train(ns) -> None:
     row = trained_row(f"liveedit-{ns.ablation}" if ns.ablation else ns.editor, ns.seed)
     runs_dir = os.path.join(ns.records, "runs")
     prefix = folder_part(row)
-    earlier = sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*", "checkpoints", "latest")))
     config = ablation_yaml(ns.records, ns.backbone, ns.ablation) if ns.ablation else None
+    earlier = [run for run in sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*")))
+               if _resumable(run, backbone_path(ns), config)]
     cfg = TrainRunConfig(
         editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data, batch_size=ns.batch, max_steps=ns.steps,
         save_every=max(ns.steps // 4, 1), seed=0 if ns.seed is None else ns.seed, records_dir=runs_dir, name_prefix=prefix,
-        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=os.path.dirname(os.path.dirname(earlier[-1])) if earlier else None)
+        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=earlier[-1] if earlier else None)
     start = time.time()
     result = run_training(cfg)
     write_marker(train_marker(ns.records, ns.backbone, row),
@@ -142,10 +144,25 @@ def train(ns) -> None:
                        "batch": ns.batch, "config": config, "seconds_this_call": round(time.time() - start, 1)})
 
 
+def _resumable(run_dir: str, model_path: str | None, config: str | None) -> bool:
+    """An earlier training of this row that the stage may continue: it saved a checkpoint, on the same
+    backbone weights and editor config (a changed pretraining recipe gives another backbone folder; its
+    trainings are stale, not to be resumed)."""
+    import yaml
+
+    settings = os.path.join(run_dir, "config.yaml")
+    if not (os.path.exists(os.path.join(run_dir, "checkpoints", "latest")) and os.path.isfile(settings)):
+        return False
+    with open(settings) as f:
+        run = (yaml.safe_load(f) or {}).get("run", {})
+    return run.get("model_path") == model_path and run.get("config_path") == config
+
+
 def evaluate(ns) -> None:
     from editors import editor_class
     from runs.eval_config import EvalConfig
     from runs.eval_run import run_evaluation
+    from runs.evaluation import ResultsMismatch
     from runs.results import METRICS, metric_values
 
     cell_row = "-".join(filter(None, [trained_row(ns.row, ns.train_seed), ns.tag]))
@@ -163,7 +180,11 @@ def evaluate(ns) -> None:
         editor_checkpoint=checkpoint, aux_model_paths=aux, exact_match=False, show_progress=False,
         allow_untrained=False)
     start = time.time()
-    outcome = run_evaluation(cfg)
+    try:
+        outcome = run_evaluation(cfg)  # an interrupted evaluation of this same cell resumes
+    except ResultsMismatch as mismatch:  # results of an older setting (another backbone, training): stale
+        print(f"note: {mismatch} The run owns this folder: starting over.", file=sys.stderr)
+        outcome = run_evaluation(dataclasses.replace(cfg, overwrite=True))
     run = outcome.run
     cell = {key: metric_values(outcome.total_mean, path).get("acc") for _, key, path in METRICS[:5]}
     routing = read_json(os.path.join(outcome.folder, "mean_results.json")).get("routing")
