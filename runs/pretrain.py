@@ -100,7 +100,7 @@ PRETRAIN_OVERRIDES: dict[str, dict] = {}
 `spec` entries are dicts of `TinySpec` fields. Empty: the defaults suit all three backbones."""
 
 _V4_WIDER = {"spec": {"vision_hidden_size": 128, "vision_layers": 4}, "vision_steps": 6000}  # 8-px patches kept
-_V4_TOWER = {"spec": {"patch_size": 4, **_V4_WIDER["spec"]}, "vision_steps": 6000}
+_V4_TOWER = {**_V4_WIDER, "spec": {**_V4_WIDER["spec"], "patch_size": 4}}
 WORLD_OVERRIDES: dict[int, dict[str, dict]] = {
     4: {"tiny-blip2": _V4_TOWER, "tiny-minigpt4": _V4_TOWER, "tiny-llava": _V4_WIDER},
 }
