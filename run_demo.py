@@ -13,7 +13,6 @@ Stages, each skipped when its output exists (delete records/demo to start over):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -82,7 +81,7 @@ def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overw
     what the run identity holds) are started over instead of refused.
     """
     from editors import load_editor
-    from runs.evaluation import EvalConfig, ResultsMismatch, evaluate as run_eval
+    from runs.evaluation import EvalConfig, evaluate as run_eval, in_owned_folder
     from runs.results import METRICS, metric_values
 
     editor = load_editor(editor_name, vllm, checkpoint=checkpoint)
@@ -90,11 +89,7 @@ def evaluate(vllm, editor_name: str, edits: int, records, checkpoint=None, overw
                      batch_size=32, exact_match=False, editor_checkpoint=checkpoint, show_progress=True,
                      overwrite=overwrite)
     try:
-        try:
-            outcome = run_eval(editor, records, cfg)
-        except ResultsMismatch as mismatch:
-            print(f"      starting over: {mismatch}")
-            outcome = run_eval(editor, records, dataclasses.replace(cfg, overwrite=True))
+        outcome = in_owned_folder(lambda c: run_eval(editor, records, c), cfg, say=lambda line: print("      " + line))
     finally:
         editor.remove()
     return {key: round(metric_values(outcome.total_mean, path)["acc"], 4) for _, key, path in METRICS[:TABLE_METRICS]}

@@ -55,7 +55,18 @@ from runs.results import GROUP_ORDER, ScalarLog, mean_results, plot_metrics, rou
 from runs.routing_report import expert_index, mean_report, routing_report
 
 class ResultsMismatch(UserError):
-    """The results folder holds a run with another identity (the demo, which owns its folder, starts over)."""
+    """The results folder holds a run with another identity (`in_owned_folder` starts it over)."""
+
+
+def in_owned_folder(evaluate_with, cfg: EvalConfig, say=print):
+    """`evaluate_with(cfg)` into a results folder its caller owns (the demo's, a table cell's): results of
+    another configuration there are stale and started over instead of refused; an interrupted evaluation
+    of the same configuration still resumes."""
+    try:
+        return evaluate_with(cfg)
+    except ResultsMismatch as mismatch:
+        say(f"starting over: {mismatch}")
+        return evaluate_with(dataclasses.replace(cfg, overwrite=True))
 
 
 OUTPUT_FILES = ("results.json", "mean_results.json", "lifelong.json", "metrics_vs_edits.png")

@@ -15,7 +15,6 @@ peak memory and the command that reproduces it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -131,12 +130,13 @@ def train(ns) -> None:
     runs_dir = os.path.join(ns.records, "runs")
     prefix = folder_part(row)
     config = ablation_yaml(ns.records, ns.backbone, ns.ablation) if ns.ablation else None
+    weights = backbone_path(ns)
     earlier = [run for run in sorted(glob.glob(os.path.join(runs_dir, ns.editor, ns.backbone, f"{prefix}-2*")))
-               if _resumable(run, backbone_path(ns), config)]
+               if _resumable(run, weights, config)]
     cfg = TrainRunConfig(
         editor_name=ns.editor, model_name=ns.backbone, data_name=ns.data, batch_size=ns.batch, max_steps=ns.steps,
         save_every=max(ns.steps // 4, 1), seed=0 if ns.seed is None else ns.seed, records_dir=runs_dir, name_prefix=prefix,
-        model_path=backbone_path(ns), data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=earlier[-1] if earlier else None)
+        model_path=weights, data_dir=ns.data_dir, device=ns.device, config_path=config, resume_from=earlier[-1] if earlier else None)
     start = time.time()
     result = run_training(cfg)
     write_marker(train_marker(ns.records, ns.backbone, row),
@@ -162,7 +162,7 @@ def evaluate(ns) -> None:
     from editors import editor_class
     from runs.eval_config import EvalConfig
     from runs.eval_run import run_evaluation
-    from runs.evaluation import ResultsMismatch
+    from runs.evaluation import in_owned_folder
     from runs.results import METRICS, metric_values
 
     cell_row = "-".join(filter(None, [trained_row(ns.row, ns.train_seed), ns.tag]))
@@ -180,11 +180,8 @@ def evaluate(ns) -> None:
         editor_checkpoint=checkpoint, aux_model_paths=aux, exact_match=False, show_progress=False,
         allow_untrained=False)
     start = time.time()
-    try:
-        outcome = run_evaluation(cfg)  # an interrupted evaluation of this same cell resumes
-    except ResultsMismatch as mismatch:  # results of an older setting (another backbone, training): stale
-        print(f"note: {mismatch} The run owns this folder: starting over.", file=sys.stderr)
-        outcome = run_evaluation(dataclasses.replace(cfg, overwrite=True))
+    # results of an older setting (another backbone or training) are stale; this cell's own resume
+    outcome = in_owned_folder(run_evaluation, cfg, say=lambda line: print(f"note: {line}", file=sys.stderr))
     run = outcome.run
     cell = {key: metric_values(outcome.total_mean, path).get("acc") for _, key, path in METRICS[:5]}
     routing = read_json(os.path.join(outcome.folder, "mean_results.json")).get("routing")
