@@ -216,14 +216,18 @@ run_recorded([slow, kill], {str(tmp_path)!r}, 1, show_progress=False)
 
 
 def test_run_info_keeps_every_distinct_command(tmp_path, monkeypatch):
-    """A run split into subset calls (say --backbones tiny-blip2, then tiny-llava) names each call's command."""
-    for argv in (["run_tables.py", "--backbones", "tiny-blip2"], ["run_tables.py", "--backbones", "tiny-llava"],
-                 ["run_tables.py", "--backbones", "tiny-blip2"]):
+    """A run split into subset calls (say --backbones tiny-blip2, then tiny-llava) names each call's command
+    and job count; a report-only call adds neither."""
+    for argv, workers in ((["run_tables.py", "--backbones", "tiny-blip2"], 1),
+                          (["run_tables.py", "--backbones", "tiny-llava"], 2),
+                          (["run_tables.py", "--backbones", "tiny-blip2"], 1)):
         monkeypatch.setattr(sys, "argv", argv)
-        _, provenance = run_recorded([], str(tmp_path), 1, show_progress=False)
+        _, provenance = run_recorded([], str(tmp_path), workers, show_progress=False)
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["commands"] == ["python run_tables.py --backbones tiny-blip2", "python run_tables.py --backbones tiny-llava"]
     assert provenance["commands (every call's, first to last)"] == "; ".join(info["commands"])
+    _, provenance = run_recorded([], str(tmp_path), 4, show_progress=False, report_only=True)
+    assert provenance["jobs at once"] == "1, 2"  # the runs' own, not the report call's
 
 
 def test_a_cell_on_another_backbone_starts_over_and_trainings_resume_only_their_own(tmp_path):

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from utils.errors import UserError
 from utils.names import safe_name_part
 
-from runs.tables.plan import (UNEDITED, Job, _python, backbone_marker, cell_path, pretrain_recipe, train_marker,
-                              world_marker)
+from runs.tables.plan import (UNEDITED, Job, _python, backbone_marker, cell_path, pretrain_cost_s, pretrain_recipe,
+                              train_marker, world_marker)
 
 EDITOR = "liveedit"
 
@@ -124,7 +124,7 @@ def build_jobs(cfg: LifelongConfig) -> list[Job]:
         if cfg.pretrain:
             jobs.append(Job(f"pretrain-{backbone}", stage("pretrain", "--backbone", backbone, "--data_dir", cfg.data_dir,
                                                           "--records", cfg.out_dir, "--recipe", pretrain_recipe(backbone, 4)),
-                            backbone_marker(cfg.out_dir, backbone), deps=deps, cost_s=1300, kind="pretrain"))
+                            backbone_marker(cfg.out_dir, backbone), deps=deps, cost_s=pretrain_cost_s(backbone, 4), kind="pretrain"))
             deps = ("world", f"pretrain-{backbone}")
         jobs.append(_eval_job(cfg, backbone, cfg.capped(UNEDITED_EVALUATION), None, weights, deps))
         for seed in cfg.seeds:

@@ -210,8 +210,8 @@ def print_plan(jobs: list[Job], out_dir: str, workers: int) -> None:
 def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: bool,
                  report_only: bool = False) -> tuple[Outcome | None, dict]:
     """`run_jobs` (unless `report_only`), accounted in `<out_dir>/run_info.json`: the run's distinct commands,
-    every commit its jobs ran at and machine they ran on (a resumed run may span both) and the wall time of
-    all its calls.
+    every commit its jobs ran at, machine they ran on and number of jobs at once (a resumed run may span
+    several) and the wall time of all its calls.
     Returns the outcome and the provenance lines of the run's doc."""
     os.makedirs(out_dir, exist_ok=True)
     info_path = os.path.join(out_dir, "run_info.json")
@@ -219,6 +219,7 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
     info.setdefault("commands", [info.pop("command")] if "command" in info else [])  # older files: the first one
     info.setdefault("commits", [])
     info.setdefault("machines", [])
+    info.setdefault("jobs_at_once", [])
     command = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     outcome, start, earlier = None, time.time(), info["wall_s_all_calls"]
 
@@ -227,7 +228,8 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
         write_json_atomic(info_path, info)
 
     if not report_only:
-        for key, value in (("commands", command), ("commits", commit()), ("machines", machine())):
+        for key, value in (("commands", command), ("commits", commit()), ("machines", machine()),
+                           ("jobs_at_once", workers)):
             if value not in info[key]:
                 info[key].append(value)
         try:
@@ -239,7 +241,7 @@ def run_recorded(jobs: list[Job], out_dir: str, workers: int, show_progress: boo
                   "commits the jobs ran at": ", ".join(info["commits"]) or "-",
                   "machines the jobs ran on": "; ".join(info["machines"]) or machine(),
                   "wall time (all calls of this run, hours)": f"{info['wall_s_all_calls'] / 3600:.2f}",
-                  "jobs at once": workers}
+                  "jobs at once": ", ".join(map(str, info["jobs_at_once"])) or "-"}
     return outcome, provenance
 
 

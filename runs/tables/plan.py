@@ -194,7 +194,8 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
                                                             "--data_dir", cfg.data_dir, "--records", cfg.out_dir,
                                                             "--recipe", pretrain_recipe(backbone, cfg.world_version, steps),
                                                             *(["--vision_steps", str(steps)] if steps else [])),
-                            backbone_marker(cfg.out_dir, backbone), deps=("world",), cost_s=300, kind="pretrain", meta={"backbone": backbone}))
+                            backbone_marker(cfg.out_dir, backbone), deps=("world",), kind="pretrain", meta={"backbone": backbone},
+                            cost_s=pretrain_cost_s(backbone, cfg.world_version, steps)))
     if "lte_vl" in cfg.editors and cfg.toy:
         jobs.append(Job("retriever", _python("-m", "runs.tables.stage", "retriever", "--data_dir", cfg.data_dir,
                                              "--records", cfg.out_dir),
@@ -231,6 +232,15 @@ def pretrain_recipe(backbone: str, world_version: int, vision_steps: int | None 
     from runs.pretrain import config_for, recipe_key
 
     return recipe_key(config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {})))
+
+
+def pretrain_cost_s(backbone: str, world_version: int, vision_steps: int | None = None) -> float:
+    """Rough CPU seconds of that pretraining on one core: tiny-blip2's v4 tower, measured at ~0.12 s per
+    phase-1 step and ~0.45 s per phase-2 step (docs/LIFELONG.md section 11); narrower towers are faster."""
+    from runs.pretrain import config_for
+
+    cfg = config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {}))
+    return 0.12 * cfg.vision_steps + 0.45 * cfg.steps
 
 
 def _backbone_args(cfg: TablesConfig, backbone: str) -> list[str]:
