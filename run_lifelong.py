@@ -62,7 +62,7 @@ def run(ns) -> int:
     from runs.tables.jobs import run_and_report
 
     cfg = config_from(ns)
-    details = {"training seeds": list(cfg.seeds),
+    details = {"training seeds requested": list(cfg.seeds),
                "training": f"{cfg.train_steps} steps at batch {cfg.train_batch}, configs/liveedit/<backbone>.yaml",
                "data": "toy world, version 4" + (f", evaluations capped at {cfg.max_records} records"
                                                  if cfg.max_records else "")}

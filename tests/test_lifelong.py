@@ -74,3 +74,12 @@ def test_the_command_on_a_tiny_world(tmp_path):
     assert os.path.getmtime(out / "logs" / "train-tiny-blip2-s1.log") == log_time
     again = doc.read_text()
     assert "KEEP ME" in again and again.count("<!-- out-results:start -->") == 1
+    # asking for a seed that never ran keeps the rows of the seeds that did, and says which they are
+    third = subprocess.run(cmd[:cmd.index("--seeds")] + ["--seeds", "0", "1", "2", "--train_steps", "2",
+                                                          "--max_records", "4", "--report_only"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["tiny-blip2"]["100"]["seeds"] == [0, 1]
+    partial = doc.read_text()
+    assert "Training seeds in these rows: 0, 1." in partial and "| -sen 4, 4 records |" in partial
+    assert "training seeds requested: [0, 1, 2]" in partial

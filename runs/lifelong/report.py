@@ -50,7 +50,9 @@ def _curve(cells: list[dict]) -> list[dict]:
 
 
 def collect(cfg: LifelongConfig) -> dict:
-    """{backbone: {"unedited": entry, evaluation name: entry (+ "curve" for lifelong)}}: complete ones only."""
+    """{backbone: {"unedited": entry, evaluation name: entry (+ "curve" for lifelong)}}. An entry is over the
+    requested seeds whose cell is finished (its "seeds"): a backbone run with fewer seeds than another in the
+    same folder keeps its rows, marked with the seeds they hold."""
     summary: dict = {}
     for backbone in cfg.backbones:
         table: dict = {}
@@ -58,10 +60,11 @@ def collect(cfg: LifelongConfig) -> dict:
         if os.path.isfile(unedited):
             table["unedited"] = _entry([read_json(unedited)])
         for evaluation in cfg.evaluations():
-            paths = [eval_cell(cfg, backbone, evaluation, seed) for seed in cfg.seeds]
-            if not all(os.path.isfile(p) for p in paths):
+            finished = {seed: path for seed in cfg.seeds
+                        if os.path.isfile(path := eval_cell(cfg, backbone, evaluation, seed))}
+            if not finished:
                 continue
-            cells = [read_json(p) | {"seed": seed} for p, seed in zip(paths, cfg.seeds)]
+            cells = [read_json(path) | {"seed": seed} for seed, path in finished.items()]
             entry = _entry(cells) | {"edits": evaluation.edits, "routing": _routing_mean([c.get("routing") for c in cells])}
             if evaluation.lifelong:
                 entry["curve"] = _curve(cells)
@@ -124,7 +127,10 @@ def results_section(cfg: LifelongConfig, summary: dict, info: dict) -> list[str]
              f"std over the training seeds, each evaluated over the eval split in the file's order.", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()] + [""]
     for backbone, table in summary.items():
-        lines += [f"### {backbone}", "", head, "|" + "---|" * (1 + len(LABELS) + len(ROUTING))]
+        seeds = sorted({tuple(e["seeds"]) for name, e in table.items() if name != "unedited"})
+        held = "; ".join(", ".join(map(str, s)) for s in seeds)
+        lines += [f"### {backbone}", "", f"Training seeds in these rows: {held}.", "",
+                  head, "|" + "---|" * (1 + len(LABELS) + len(ROUTING))]
         if "unedited" in table:
             lines.append(_row(f"unedited, -sen {cfg.capped(UNEDITED_EVALUATION).edits}", table["unedited"], 1))
         for evaluation in cfg.evaluations():
@@ -134,13 +140,13 @@ def results_section(cfg: LifelongConfig, summary: dict, info: dict) -> list[str]
             if evaluation.lifelong and entry.get("curve"):
                 for point in entry["curve"]:
                     lines.append(_row(f"--lifelong -sen {evaluation.edits} over {evaluation.records}, after "
-                                      f"{point['edits']}", point, len(cfg.seeds)))
+                                      f"{point['edits']}", point, len(entry["seeds"])))
                 name = f"lifelong-{backbone}.png"
                 plot(entry["curve"], backbone, os.path.join(os.path.dirname(cfg.doc_path), "figures", name))
                 continue
             label = f"look-alike split, -sen {evaluation.edits} (no target)" if evaluation.lookalike else \
                 f"-sen {evaluation.edits}"
-            lines.append(_row(f"{label}, {evaluation.records} records", entry, len(cfg.seeds)))
+            lines.append(_row(f"{label}, {evaluation.records} records", entry, len(entry["seeds"])))
         lines += ["", f"![{backbone} lifelong curve](figures/lifelong-{backbone}.png)"] if any(
             e.lifelong and e.name in table for e in cfg.evaluations()) else []
         lines.append("")
