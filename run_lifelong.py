@@ -1,7 +1,7 @@
 """LiveEdit at 1,000 sequential edits on the toy world, over several training seeds, in one resumable
 command: the measurements of docs/LIFELONG.md (issue: lifelong at 1,000 edits).
 
-    python run_lifelong.py           (or: make lifelong)   tiny-blip2, seeds 0 1 2: about 2 h on 2 cores
+    python run_lifelong.py           (or: make lifelong)   tiny-blip2, seeds 0 1 2: about 1.3 h on 2 cores
     python run_lifelong.py --plan    list the jobs and the time estimate, run nothing
 
 Per backbone: the version-4 toy world (4,000 train / 2,000 eval records), the backbone pretrained on

@@ -2,6 +2,7 @@
 `ensure_pretrained` caches a folder that `load_vllm` reloads exactly (short runs on a tiny world)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -103,17 +104,19 @@ def test_ensure_pretrained_caches_and_reloads(world, name, tmp_path, monkeypatch
 
 
 def test_the_world_version_picks_the_recipe(tmp_path):
-    """Version 4's tiny-blip2 and tiny-minigpt4 get the finer vision tower (WORLD_OVERRIDES), tiny-llava the
-    wider one with its 8-px patches; version 3 (the demo's) keeps the defaults; a folder's manifest says which
-    version it is."""
+    """Version 4's tiny-blip2 (24,000 phase-1 steps) and tiny-minigpt4 (6,000) get the finer vision tower
+    (WORLD_OVERRIDES), tiny-llava the wider one with its 8-px patches; version 3 (the demo's) keeps the
+    defaults; a folder's manifest says which version it is."""
     default = P.config_for("tiny-blip2")
     assert P.config_for("tiny-blip2", 3) == default and P.config_for("tiny-llava", 3) == P.config_for("tiny-llava")
     llava = P.config_for("tiny-llava", 4)
     assert (llava.spec.patch_size, llava.spec.vision_hidden_size, llava.spec.vision_layers, llava.vision_steps) == \
         (P.config_for("tiny-llava").spec.patch_size, 128, 4, 6000)
     v4 = P.config_for("tiny-blip2", 4)
-    assert (v4.spec.patch_size, v4.spec.vision_hidden_size, v4.spec.vision_layers, v4.vision_steps) == (4, 128, 4, 6000)
-    assert P.config_for("tiny-minigpt4", 4) == v4 and P.config_for("tiny-minigpt4", 3) == P.config_for("tiny-minigpt4")
+    assert (v4.spec.patch_size, v4.spec.vision_hidden_size, v4.spec.vision_layers, v4.vision_steps) == (4, 128, 4, 24000)
+    minigpt4 = P.config_for("tiny-minigpt4", 4)   # the same tower, 6,000 phase-1 steps (LIFELONG.md section 11)
+    assert minigpt4 == dataclasses.replace(v4, vision_steps=6000)
+    assert P.config_for("tiny-minigpt4", 3) == P.config_for("tiny-minigpt4")
     assert v4.spec.hidden_size == default.spec.hidden_size and v4.steps == default.steps
     assert P.config_for("tiny-blip2", 4, vision_steps=7).vision_steps == 7   # explicit changes still win
     assert P.recipe_key(v4) != P.recipe_key(default)
