@@ -110,12 +110,12 @@ hold small shapes and marks that 8-pixel patches of a 96-wide, 3-layer tower do 
 scene from the others 3x as often and LiveEdit's reliability at 1,000 edits rises from 0.83 to 0.96
 (docs/LIFELONG.md, section 4); 6,000 phase-1 steps then lift shape / count recognition (0.56 / 0.83 ->
 0.72 / 0.91) and M-Gen at 1,000 edits from 0.78 to 0.84 (section 6); 12,000 phase-1 steps lift shape
-recognition to 0.89 and the three-seed M-Gen at 1,000 edits from 0.81 to 0.88, and 24,000 to 0.95 and
-0.92, with half the experts selected per query at 1,000 edits (section 11). The same tower at 6,000 phase-1 steps lifts tiny-minigpt4's reliability at 1,000
-edits from 0.73 to 0.95 (section 8). tiny-llava feeds one LM token
-per patch, so it keeps 8-px patches (16 image tokens; 4-px patches quadruple them, and LiveEdit's training
-on that did not converge: reliability 0.42 at one edit, section 9) with the wider, deeper tower and the
-6,000 phase-1 steps: its toy accuracy `pred` rises from 0.78 to 0.96 and LiveEdit's reliability at 1,000
+recognition to 0.89 and the three-seed M-Gen at 1,000 edits from 0.81 to 0.88, 24,000 steps lift them to
+0.95 and 0.92 with fewer experts selected per query (5.0 at 1,000 edits against 7.4; section 11). The same
+tower at 6,000 phase-1 steps lifts tiny-minigpt4's reliability at 1,000 edits from 0.73 to 0.95
+(section 8). tiny-llava feeds one LM token per patch, so it keeps 8-px patches (16 image tokens; 4-px
+patches quadruple them, and LiveEdit's training on that did not converge: reliability 0.42 at one edit,
+section 9) with the wider, deeper tower and the 6,000 phase-1 steps: its toy accuracy `pred` rises from 0.78 to 0.96 and LiveEdit's reliability at 1,000
 edits from 0.83 to 0.97 (section 10).
 The version-3 world (the demo's) keeps the defaults."""
 

@@ -129,8 +129,8 @@ def results_section(cfg: LifelongConfig, summary: dict, info: dict) -> list[str]
     for backbone, table in summary.items():
         seeds = sorted({tuple(e["seeds"]) for name, e in table.items() if name != "unedited"})
         held = "; ".join(", ".join(map(str, s)) for s in seeds)
-        lines += [f"### {backbone}", "", f"Training seeds in these rows: {held}.", "",
-                  head, "|" + "---|" * (1 + len(LABELS) + len(ROUTING))]
+        lines += [f"### {backbone}", ""] + ([f"Training seeds in these rows: {held}.", ""] if held else []) + \
+            [head, "|" + "---|" * (1 + len(LABELS) + len(ROUTING))]
         if "unedited" in table:
             lines.append(_row(f"unedited, -sen {cfg.capped(UNEDITED_EVALUATION).edits}", table["unedited"], 1))
         for evaluation in cfg.evaluations():

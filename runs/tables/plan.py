@@ -226,20 +226,24 @@ def build_jobs(cfg: TablesConfig) -> list[Job]:
     return jobs
 
 
-def pretrain_recipe(backbone: str, world_version: int, vision_steps: int | None = None) -> str:
-    """The pretraining config's hash for this backbone and world version (`runs.pretrain.recipe_key`),
-    with `vision_steps` phase-1 steps when given."""
-    from runs.pretrain import config_for, recipe_key
+def _pretrain_config(backbone: str, world_version: int, vision_steps: int | None):
+    """The backbone's pretraining config for this world version, with `vision_steps` phase-1 steps when given."""
+    from runs.pretrain import config_for
 
-    return recipe_key(config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {})))
+    return config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {}))
+
+
+def pretrain_recipe(backbone: str, world_version: int, vision_steps: int | None = None) -> str:
+    """That pretraining config's hash (`runs.pretrain.recipe_key`)."""
+    from runs.pretrain import recipe_key
+
+    return recipe_key(_pretrain_config(backbone, world_version, vision_steps))
 
 
 def pretrain_cost_s(backbone: str, world_version: int, vision_steps: int | None = None) -> float:
     """Rough CPU seconds of that pretraining on one core: tiny-blip2's v4 tower, measured at ~0.12 s per
     phase-1 step and ~0.45 s per phase-2 step (docs/LIFELONG.md section 11); narrower towers are faster."""
-    from runs.pretrain import config_for
-
-    cfg = config_for(backbone, world_version, **({"vision_steps": vision_steps} if vision_steps else {}))
+    cfg = _pretrain_config(backbone, world_version, vision_steps)
     return 0.12 * cfg.vision_steps + 0.45 * cfg.steps
 
 
