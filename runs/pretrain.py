@@ -115,8 +115,8 @@ recognition to 0.89 and the three-seed M-Gen at 1,000 edits from 0.81 to 0.88, 2
 tower at 6,000 phase-1 steps lifts tiny-minigpt4's reliability at 1,000 edits from 0.73 to 0.95
 (section 8). tiny-llava feeds one LM token per patch, so it keeps 8-px patches (16 image tokens; 4-px
 patches quadruple them, and LiveEdit's training on that did not converge: reliability 0.42 at one edit,
-section 9) with the wider, deeper tower and the 6,000 phase-1 steps: its toy accuracy `pred` rises from 0.78 to 0.96 and LiveEdit's reliability at 1,000
-edits from 0.83 to 0.97 (section 10).
+section 9) with the wider, deeper tower and the 6,000 phase-1 steps: its toy accuracy `pred` rises from
+0.78 to 0.96 and LiveEdit's reliability at 1,000 edits from 0.83 to 0.97 (section 10).
 The version-3 world (the demo's) keeps the defaults."""
 
 
